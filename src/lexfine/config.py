@@ -1,0 +1,329 @@
+"""The one config object: pydantic models, YAML files and `key.sub=value` overrides.
+
+The docstring under each field is its documentation (and `lexfine config --help-keys` prints it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lexfine.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelArgs(Section):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code. Off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    tokenizer: str | None = None
+    """Tokenizer source when it differs from the model (random-architecture models default to the embedded one)."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template that replaces the tokenizer's own (e.g. the Apertus template)."""
+    arch_overrides: dict[str, Any] = Field(default_factory=dict)
+    """For `random:` models: config fields to change, e.g. {num_hidden_layers: 2, hidden_size: 64}."""
+
+
+class LoraArgs(Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: 'all-linear' or a list of module-name suffixes (q_proj, ...)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+class DataArgs(Section):
+    train: str = "bundled:sjp_fr_train"
+    """Training data: a hub dataset id, a local file/folder (parquet, jsonl, json, csv) or bundled:<name>."""
+    format: Literal["auto", "sjp", "chat", "prompt_completion"] = "auto"
+    """Row format. auto: sjp if the rows have text+label, chat if `messages`, else prompt/completion."""
+    hub_config: str | None = None
+    """Hub dataset config (SJP: de, fr, it or all; default all)."""
+    split: Literal["train", "validation", "test", "all"] = "train"
+    """Which split. For SJP it is the official year split (train 2000-2014, validation 2015-16, test 2017-20)."""
+    languages: list[str] | None = None
+    """Keep only these languages (SJP `language` column), e.g. [de, fr]."""
+    years: list[int] | None = None
+    """Keep only these years (overrides the split's years)."""
+    legal_areas: list[str] | None = None
+    """Keep only these legal areas (SJP `legal area` column), e.g. [civil law]."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many rows (a seeded random subset)."""
+    prompt_template: str = "sjp_default"
+    """SJP prompt: a bundled template name or a path to a text file with {facts} and metadata fields."""
+    system_prompt: str | None = "You are an expert in Swiss case law."
+    """Explicit system message. Keeps prompts independent of templates that insert today's date. null: none."""
+    loss_on: Literal["answer", "all"] = "answer"
+    """answer: loss only on the answer and its end-of-turn token. all: every token (the reference study)."""
+    truncation: Literal["middle", "tail"] = "middle"
+    """How too-long facts are cut so that instruction and answer survive: drop the middle or the tail."""
+
+
+class TrainArgs(Section):
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    max_steps: int = -1
+    """Optimizer steps; -1 trains for `epochs`."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the data when max_steps is -1."""
+    batch_size: int = Field(4, ge=1)
+    """Sequences per device per micro-step."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
+    max_length: int = Field(4096, ge=16)
+    """Maximum tokens per example; longer examples have their facts cut (see data.truncation)."""
+    lr_scheduler: str = "constant"
+    """LR schedule (transformers names: constant, cosine, linear, ...). The study used constant."""
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    """Fraction of steps for linear warm-up (0: none, as in the study)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    optim: str = "adamw_torch"
+    """transformers optimizer name (adamw_torch, adamw_torch_fused, ...)."""
+    seed: int = 42
+    """Seed for data order, LoRA init and dropout."""
+    bf16: bool | None = None
+    """Mixed precision in bfloat16. null: on when the GPU supports it."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    group_by_length: bool = False
+    """Batch sequences of similar length together (less padding)."""
+    padding_free: bool = False
+    """Concatenate the batch into one sequence without padding (needs a varlen attention kernel)."""
+    liger: bool = False
+    """Use Liger kernels (fused linear cross-entropy, ...) when liger-kernel is installed."""
+    logging_steps: int = Field(1, ge=1)
+    """Log every N optimizer steps to metrics.jsonl."""
+    save_steps: int = Field(100, ge=1)
+    """Save a resumable checkpoint every N steps."""
+    save_total_limit: int = Field(2, ge=1)
+    """Keep at most this many checkpoints."""
+    report_to: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"
+    """Extra experiment tracker (lexfine always writes metrics.jsonl)."""
+    dataloader_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+
+
+class EvalArgs(Section):
+    sjp_data: str = "bundled:sjp_fr_heldout"
+    """SJP evaluation data (hub id, path or bundled:<name>)."""
+    sjp_split: Literal["train", "validation", "test", "all"] = "all"
+    """Year split of the SJP evaluation data."""
+    lexam_data: str | None = None
+    """LEXam data: hub id, a folder of mcq_N_choices_test.jsonl files or a file. null: bundled sample."""
+    mode: Literal["loglik", "generate"] = "loglik"
+    """loglik: score the candidate answers. generate: greedy decoding and parsing (study parity)."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate at most this many examples per task."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per forward pass."""
+    max_length: int | None = None
+    """Context limit for evaluation prompts (null: the training max_length)."""
+
+
+class LaunchArgs(Section):
+    strategy: Literal["none", "ddp", "zero2", "zero3", "fsdp2"] = "none"
+    """Distributed strategy (an accelerate config shipped with lexfine)."""
+    num_processes: int = Field(1, ge=1)
+    """Processes (GPUs) in all, over all machines."""
+    num_machines: int = Field(1, ge=1)
+    """Nodes."""
+
+
+# Keys that do not change what is trained: they stay out of the run id so that a run can be
+# re-evaluated, relaunched on other hardware or logged elsewhere and still resume.
+ID_EXCLUDE = {
+    "output_dir": True,
+    "eval": True,
+    "eval_options": True,
+    "launch": True,
+    "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers"},
+}
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """Run name; the run directory is <output_dir>/<name>-<config hash>."""
+    model: str = "smollm2-135m"
+    """Hub id, local directory, smollm2-135m (embedded) or random:<apertus-8b|apertus-70b|path/config.json>."""
+    model_args: ModelArgs = Field(default_factory=ModelArgs)
+    method: Literal["lora", "full"] = "lora"
+    """lora: train adapters only. full: train every parameter."""
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+    data: DataArgs = Field(default_factory=DataArgs)
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    eval: list[str] = Field(default_factory=list)
+    """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32."""
+    eval_options: EvalArgs = Field(default_factory=EvalArgs)
+    launch: LaunchArgs = Field(default_factory=LaunchArgs)
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names a directory)")
+        return v
+
+    @field_validator("eval")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        known = {"sjp", "lexam_mcq4", "lexam_mcq8", "lexam_mcq16", "lexam_mcq32"}
+        bad = [t for t in v if t.split(":")[0] not in known]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(sorted(known))}")
+        return v
+
+    def run_hash(self) -> str:
+        payload = self.model_dump(mode="json", exclude=ID_EXCLUDE)
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_id(self) -> str:
+        return f"{self.name}-{self.run_hash()}"
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_id()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        value = _number_or_str(value)
+    return key.split("."), value
+
+
+def _number_or_str(s: str) -> Any:
+    # YAML 1.1 reads "1e-4" as a string; users mean a number.
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def set_dotted(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r} (give a YAML path, e.g. configs/exp/quickstart.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(base: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    tree = json.loads(json.dumps(base or {}))  # deep copy
+    for item in overrides or []:
+        path, value = parse_override(item)
+        set_dotted(tree, path, value)
+    return validate(tree)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def validate(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            parts.append(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"bad value for {key!r}: {err.get('input')!r} ({msg})")
+    return "config error: " + "; ".join(parts)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field: the reference printed by `lexfine config keys`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+    return rows

@@ -1,0 +1,113 @@
+"""Swiss Judgment Prediction: rows from the hub (`rcds/swiss_judgment_prediction`) or local files.
+
+Columns as on the hub: id, year, text (facts), label (0/1 or "dismissal"/"approval"), language, region,
+canton, `legal area` (with a space), source_language. The official split is by year.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from lexfine.config import DataArgs
+from lexfine.data.example import Example
+from lexfine.data.prompts import load_template
+from lexfine.data.sources import read_rows
+from lexfine.errors import DataError
+
+HUB_ID = "rcds/swiss_judgment_prediction"
+LABELS = ("dismissal", "approval")  # index = the hub's integer label
+SPLIT_YEARS = {
+    "train": range(2000, 2015),
+    "validation": range(2015, 2017),
+    "test": range(2017, 2021),
+}
+REQUIRED = ("text", "label")
+
+
+def normalize_label(value) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return LABELS[int(value)]
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in LABELS:
+            return v
+        if v in ("0", "1"):
+            return LABELS[int(v)]
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # e.g. judgment: ["dismissal"]
+        return normalize_label(value[0])
+    raise DataError(f"unknown SJP label {value!r}; expected 0/1 or 'dismissal'/'approval'")
+
+
+def normalize_row(row: dict, index: int) -> dict:
+    missing = [c for c in REQUIRED if c not in row]
+    if missing:
+        raise DataError(
+            f"SJP row {index} has no {missing[0]!r} column (columns: {sorted(row)}); "
+            "SJP data needs text and label (+ optional year, language, legal area)"
+        )
+    text = row["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"SJP row {index} (id {row.get('id')!r}) has empty text; remove it or fix the file")
+    area = row.get("legal area", row.get("legal_area"))
+    year = row.get("year")
+    return {
+        "id": str(row.get("id", index)),
+        "text": text,
+        "label": normalize_label(row["label"]),
+        "year": int(year) if year not in (None, "") else None,
+        "language": row.get("language"),
+        "legal_area": area,
+        "region": row.get("region"),
+        "canton": row.get("canton"),
+    }
+
+
+def load_rows(source: str, split: str = "all", hub_config: str | None = None, languages=None, years=None,
+              legal_areas=None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    is_hub = not source.startswith("bundled:") and source.count("/") == 1 and not source.startswith((".", "/"))
+    raw = read_rows(source, split=split if is_hub else None, hub_config=hub_config or ("all" if source == HUB_ID else None))
+    rows = [normalize_row(r, i) for i, r in enumerate(raw)]
+    if years:
+        keep_years = set(years)
+    elif split != "all" and not is_hub:
+        keep_years = set(SPLIT_YEARS[split])
+    else:
+        keep_years = None
+    if keep_years is not None:
+        rows = [r for r in rows if r["year"] is None or r["year"] in keep_years]
+    if languages:
+        rows = [r for r in rows if r["language"] in set(languages)]
+    if legal_areas:
+        rows = [r for r in rows if r["legal_area"] in set(legal_areas)]
+    if not rows:
+        raise DataError(
+            f"no SJP rows left in {source!r} after filters (split={split}, years={years}, languages={languages}, "
+            f"legal_areas={legal_areas}); loosen the filters"
+        )
+    if limit and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+        rows.sort(key=lambda r: r["id"])
+    return rows
+
+
+def to_examples(rows: list[dict], args: DataArgs) -> list[Example]:
+    template = load_template(args.prompt_template)
+    out = []
+    for r in rows:
+        before, after = template.render(r)
+        meta = {k: r[k] for k in ("label", "language", "year", "legal_area", "canton", "region")}
+        out.append(Example(r["id"], before, r["text"], after, r["label"], args.system_prompt, [], meta))
+    return out
+
+
+def load_examples(args: DataArgs, seed: int = 0) -> list[Example]:
+    rows = load_rows(args.train, args.split, args.hub_config, args.languages, args.years, args.legal_areas,
+                     args.limit, seed)
+    return to_examples(rows, args)
+
+
+def label_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(Counter(e.meta.get("label") for e in examples))

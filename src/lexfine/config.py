@@ -22,7 +22,9 @@ class Section(BaseModel):
 
 class ModelArgs(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Weights dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU."""
+    """Weights dtype. auto: LoRA keeps the frozen base in bfloat16 on a GPU that supports it; full fine-tuning keeps
+    float32 master weights and trains in bf16 autocast (pure-bf16 weights would round away updates at LR <= 1e-5);
+    float32 on CPU."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...)."""
     trust_remote_code: bool = False
@@ -124,6 +126,8 @@ class TrainArgs(Section):
     """Extra experiment tracker (lexfine always writes metrics.jsonl)."""
     dataloader_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
+    keep_checkpoints: bool = False
+    """Keep the resumable checkpoints (optimizer states included) after the run completed. Off: delete them."""
 
 
 class EvalArgs(Section):
@@ -159,7 +163,7 @@ ID_EXCLUDE = {
     "eval": True,
     "eval_options": True,
     "launch": True,
-    "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers"},
+    "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints"},
 }
 
 

@@ -29,6 +29,10 @@ STATUSES = ("planned", "running", "completed", "failed", "interrupted")
 SECRET_ENV_PATTERN = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -61,6 +65,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; run directories are shared with a team
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

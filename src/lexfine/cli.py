@@ -1,0 +1,154 @@
+"""The `lexfine` command line: one typer app; heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lexfine.errors import LexfineError
+
+app = typer.Typer(
+    help="Fine-tune LLMs on a domain task and measure what it costs in general knowledge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect configuration keys and resolved configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+# Sub-commands owned by other packages; each module exposes register(app).
+PLUGINS = ("lexfine.eval.cli", "lexfine.sweep.cli", "lexfine.report.cli")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Experiment YAML (e.g. configs/exp/sjp_lora_apertus8b.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 lora.r=64 ..."),
+    launcher: str = typer.Option("accelerate", help="For launch.num_processes > 1: accelerate or torchrun."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the run directory and stop."),
+) -> None:
+    """Train one run (LoRA or full). Re-running the same command resumes it; a completed run is skipped."""
+    import subprocess
+
+    from lexfine.config import load_config
+    from lexfine.train.launch import in_distributed_launch, local_command, shell
+
+    cfg = load_config(config, overrides or [])
+    rd_path = cfg.run_dir()
+    if dry_run:
+        typer.echo(cfg.to_yaml())
+        typer.echo(rd_path)
+        return
+    _setup_logging()
+    if cfg.launch.num_processes > 1 and not in_distributed_launch():
+        if cfg.launch.num_machines > 1:
+            fail("launch.num_machines > 1 needs one launcher per node: use `lexfine sweep submit` (SLURM) "
+                 "or run the printed per-node command yourself")
+        from lexfine.rundir import RunDir
+
+        rd = RunDir(rd_path)
+        rd.create(cfg.to_yaml(), cfg.run_id())
+        cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher)
+        typer.echo(f"launching: {shell(cmd)}", err=True)
+        code = subprocess.call(cmd)
+        if code:
+            raise typer.Exit(code)
+        typer.echo(rd.path)
+        return
+    from lexfine.train import run
+
+    rd = run(cfg)
+    typer.echo(rd.path)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A completed run directory."),
+    out: Path = typer.Option(..., "--out", help="Where to write a standalone Hugging Face model directory."),
+    merge: bool = typer.Option(True, help="LoRA runs: merge the adapter into the base weights."),
+) -> None:
+    """Write a run's model as a standalone Hugging Face directory (LoRA merged into the base by default)."""
+    from lexfine.export import export_run
+
+    typer.echo(export_run(run_dir, out, merge=merge))
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("quickstart"), help="Folder for the run, its evaluations and the report."),
+    steps: int = typer.Option(40, help="Training steps."),
+    eval_limit: int = typer.Option(100, help="Cases per evaluation (SJP and LEXam), before and after."),
+) -> None:
+    """Fine-tune the embedded SmolLM2-135M with LoRA on bundled SJP cases (CPU, a few minutes), evaluate SJP and
+    LEXam MCQ-4 before and after, and write a report."""
+    from lexfine.quickstart import run_quickstart
+
+    _setup_logging()
+    typer.echo(run_quickstart(out, steps=steps, eval_limit=eval_limit))
+
+
+@config_app.command("keys")
+def config_keys(prefix: str = typer.Argument("", help="Only keys starting with this, e.g. lora.")) -> None:
+    """Every config key with its default and documentation."""
+    from lexfine.config import describe_fields
+
+    for key, default, doc in describe_fields():
+        if key.startswith(prefix):
+            typer.echo(f"{key} = {default}\n    {' '.join(doc.split())}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Argument(None, help="Experiment YAML (none: the defaults)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides."),
+) -> None:
+    """Print the fully resolved config and its run directory."""
+    from lexfine.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(cfg.to_yaml() + f"# run directory: {cfg.run_dir()}")
+
+
+def _register_plugins() -> None:
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # that part of lexfine is not installed in this build
+            raise
+        module.register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
+    try:
+        app()
+    except LexfineError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Training: `run(cfg)` trains in this process; `python -m lexfine.train CONFIG [k=v ...]` is the entry point
+for launchers (accelerate launch -m lexfine.train, torchrun -m lexfine.train, srun)."""
+
+from __future__ import annotations
+
+
+def run(cfg):
+    from lexfine.train.sft import run as _run
+
+    return _run(cfg)
+
+
+__all__ = ["run"]

@@ -1,0 +1,31 @@
+"""`python -m lexfine.train CONFIG.yaml [key=value ...]`: what every launcher starts, once per process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lexfine.config import load_config
+from lexfine.errors import LexfineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lexfine.train CONFIG.yaml [key=value ...]")
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        from lexfine.train import run
+
+        rd = run(cfg)
+    except LexfineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(rd.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

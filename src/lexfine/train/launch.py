@@ -1,0 +1,40 @@
+"""Starting processes: `lexfine train` on one process, or through `accelerate launch` for several GPUs.
+
+Only process start-up lives here; sharding (DDP, ZeRO, FSDP2) comes from the run config (see strategies.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+ACCELERATE_DIR = Path(__file__).parent / "accelerate"
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2")
+
+
+def accelerate_config_path(strategy: str) -> Path:
+    """The shipped accelerate config for a strategy. They only start processes (one per GPU, bf16); the
+    Trainer applies DeepSpeed/FSDP2 from the run config, so every strategy shares the multi-GPU launcher."""
+    if strategy not in STRATEGIES and strategy != "none":
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: none, {', '.join(STRATEGIES)}")
+    return ACCELERATE_DIR / "multi_gpu.yaml"
+
+
+def in_distributed_launch() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def local_command(config_path: str | Path, num_processes: int, launcher: str = "accelerate") -> list[str]:
+    """The command that trains a resolved config on this machine with `num_processes` processes."""
+    cfg = str(config_path)
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+                "-m", "lexfine.train", cfg]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("ddp")),
+            "--num_processes", str(num_processes), "--num_machines", "1", "-m", "lexfine.train", cfg]
+
+
+def shell(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)

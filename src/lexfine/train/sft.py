@@ -1,0 +1,233 @@
+"""The training recipe, top to bottom: resolve the run directory -> data -> model -> TRL SFTTrainer -> save.
+
+Re-running the same config resumes from the latest checkpoint; a completed run is skipped.
+Only the main process writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from lexfine.config import RunConfig
+from lexfine.errors import LexfineError
+from lexfine.rundir import RunDir, git_sha, hardware, now_iso, package_versions, redact
+
+log = logging.getLogger("lexfine.train")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(cfg: RunConfig) -> RunDir:
+    """Train (or resume, or skip) the run that `cfg` describes; returns its run directory."""
+    rd = RunDir(cfg.run_dir())
+    if rd.status == "completed":
+        log.warning("run %s is already completed: %s (delete it to train again)", cfg.run_id(), rd.path)
+        return rd
+    main = is_main_process()
+    if main:
+        rd.create(cfg.to_yaml(), cfg.run_id())
+        rd.set_status("running", started=now_iso(), versions=package_versions(), git_sha=git_sha(),
+                      hardware=hardware(), world_size=world_size(), error=None)
+    try:
+        preempted = _train(cfg, rd, main)
+    except BaseException as e:
+        if main:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            rd.set_status(status, error=redact(f"{type(e).__name__}: {detail}"),
+                          traceback=None if isinstance(e, LexfineError) else redact(traceback.format_exc()[-4000:]))
+        raise
+    if preempted:
+        from lexfine.train.preemption import requeue_if_preempted
+
+        if main:
+            rd.set_status("interrupted", error="preempted: checkpoint saved, resume by running the same command")
+        requeue_if_preempted(True)
+    return rd
+
+
+def build_args(cfg: RunConfig, rd: RunDir):
+    """SFTConfig from the RunConfig. Built before the model is loaded: ZeRO-3 must know it before weights exist."""
+    import torch
+    from trl import SFTConfig
+
+    from lexfine.train.strategies import training_fields
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    fields = dict(
+        output_dir=str(rd.checkpoints),
+        learning_rate=t.lr,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        use_liger_kernel=t.liger,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        run_name=cfg.run_id(),
+        dataloader_num_workers=t.dataloader_workers,
+        # The dataset is tokenized by lexfine (masking + truncation that keeps the answer); TRL must not re-cut it.
+        max_length=None,
+        packing=False,
+        padding_free=t.padding_free,
+        pad_to_multiple_of=None,
+        completion_only_loss=None,
+        remove_unused_columns=True,
+        disable_tqdm=not is_main_process(),
+        use_cpu=not cuda,
+    )
+    fields.update(training_fields(cfg.launch.strategy, t.gradient_checkpointing))
+    return SFTConfig(**fields)
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      use_rslora=lc.use_rslora, use_dora=lc.use_dora, bias="none", task_type="CAUSAL_LM")
+
+
+def check_lora_targets(model, target_modules) -> None:
+    """A typo in target_modules would otherwise train nothing (or fail deep inside PEFT)."""
+    if target_modules == "all-linear":
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise LexfineError(f"lora.target_modules {missing} match no module of this model; its linear layers: {linear}")
+
+
+def load_dataset(cfg: RunConfig, tokenizer):
+    from datasets import Dataset
+
+    from lexfine.data import load_examples
+    from lexfine.data.masking import encode_all
+
+    examples = load_examples(cfg.data, seed=cfg.train.seed)
+    cols, stats = encode_all(tokenizer, examples, cfg.train.max_length, cfg.data.loss_on, cfg.data.truncation,
+                             progress=is_main_process())
+    return Dataset.from_dict(cols), stats
+
+
+def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
+    ckpt = rd.latest_checkpoint()
+    if ckpt is None:
+        return None, 0.0, 0
+    step = int(ckpt.name.split("-")[1])
+    rows = [r for r in rd.metrics() if r.get("step", 0) <= step]
+    if main:
+        rd.truncate_metrics_after(step)
+    last = rows[-1] if rows else {}
+    return ckpt, float(last.get("elapsed_s") or 0.0), int(last.get("num_tokens") or 0)
+
+
+def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
+    """Returns True when training stopped early for preemption (a checkpoint was saved)."""
+    import torch
+    from trl import SFTTrainer
+
+    from lexfine import models
+    from lexfine.train.callbacks import MetricsCallback
+    from lexfine.train.preemption import PreemptionCallback
+
+    args = build_args(cfg, rd)
+    spec = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(spec, cfg.model_args)
+    dataset, stats = load_dataset(cfg, tokenizer)
+    if main:
+        rd.update_manifest(data=stats.as_dict())
+        log.info("data: %d examples, %d truncated (facts cut)", stats.n, stats.truncated)
+
+    dtype = None
+    if cfg.method == "full" and cfg.model_args.dtype == "auto":
+        dtype = torch.float32  # master weights in fp32; bf16 autocast does the compute
+    model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype)
+    peft_config = None
+    if cfg.method == "lora":
+        check_lora_targets(model, cfg.lora.target_modules)
+        peft_config = lora_config(cfg)
+
+    ckpt, elapsed0, tokens0 = _resume_state(rd, main)
+    metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, tokens_offset=0)
+    preempt_cb = PreemptionCallback()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb])
+    if main:
+        rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    wall = elapsed0 + time.perf_counter() - start
+    if preempt_cb.preempted:
+        return True
+
+    out = rd.adapter_dir if cfg.method == "lora" else rd.model_dir
+    tmp = out.with_name(out.name + ".tmp")
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))  # collective under ZeRO-3/FSDP: every rank takes part, rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        rows = rd.metrics()
+        tokens = rows[-1]["num_tokens"] if rows and rows[-1].get("num_tokens") is not None else None
+        rd.set_status(
+            "completed", finished=now_iso(), wall_time_s=round(wall, 2), steps=trainer.state.global_step,
+            final_loss=rows[-1]["loss"] if rows else None, train_loss_mean=result.training_loss,
+            train_tokens=tokens, tokens_per_s=round(tokens / wall, 1) if tokens and wall > 0 else None,
+            output=out.name,
+        )
+        if not cfg.train.keep_checkpoints:
+            shutil.rmtree(rd.checkpoints, ignore_errors=True)
+    if cfg.eval:
+        _evaluate(cfg, rd, trainer, tokenizer, main)
+    return False
+
+
+def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> None:
+    if world_size() > 1:
+        # Sharded models (ZeRO-3/FSDP) cannot be scored by one rank; a separate `lexfine eval` job does it.
+        if main:
+            log.warning("evaluations after a multi-process run: run `lexfine eval %s --task ...` (%s)",
+                        rd.path, ", ".join(cfg.eval))
+        return
+    from lexfine.eval import run_configured_evals
+
+    model = trainer.model
+    model.eval()
+    run_configured_evals(rd, cfg, model=model, tokenizer=tokenizer)

@@ -1,0 +1,60 @@
+"""Distributed strategies as TrainingArguments fields.
+
+The strategy lives in the run config, not in the launcher: `accelerate launch`, `torchrun` or `srun` only start
+processes, and the Trainer builds DeepSpeed / FSDP2 from these fields. One place decides how a run is sharded,
+so a sweep, a SLURM job and a local run of the same config train the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# "auto" values are filled in by transformers from the TrainingArguments (batch size, lr, clipping, bf16 ...).
+_ZERO_COMMON: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+}
+
+
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 3:
+        # Without it, saving through accelerate raises or writes an empty adapter (verified 2026-11).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_prefetch_bucket_size"] = "auto"
+        zero["stage3_param_persistence_threshold"] = "auto"
+        zero["reduce_bucket_size"] = "auto"
+    return {**_ZERO_COMMON, "zero_optimization": zero}
+
+
+def fsdp2_fields(gradient_checkpointing: bool) -> dict[str, Any]:
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            # FSDP2 does its own checkpointing per wrapped layer; the HF flag would double-wrap.
+            "activation_checkpointing": gradient_checkpointing,
+        },
+    }
+
+
+def training_fields(strategy: str, gradient_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments fields for a strategy (none, ddp, zero2, zero3, fsdp2)."""
+    if strategy in ("none", "ddp"):
+        return {"ddp_find_unused_parameters": False}
+    if strategy == "zero2":
+        return {"deepspeed": deepspeed_config(2)}
+    if strategy == "zero3":
+        return {"deepspeed": deepspeed_config(3)}
+    if strategy == "fsdp2":
+        fields = fsdp2_fields(gradient_checkpointing)
+        fields["gradient_checkpointing"] = False
+        return fields
+    raise ValueError(strategy)

@@ -110,10 +110,12 @@ class TrainArgs(Section):
     """Mixed precision in bfloat16. null: on when the GPU supports it."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    group_by_length: bool = False
-    """Batch sequences of similar length together (less padding)."""
+    group_by_length: bool = True
+    """Batch sequences of similar length together: far less padding (SJP cases range from 0.2k to 10k tokens)."""
     padding_free: bool = False
     """Concatenate the batch into one sequence without padding (needs a varlen attention kernel)."""
+    fused_activation: bool = True
+    """Compile Apertus's xIELU activation into one fused kernel (forward and backward; CUDA: Triton via inductor)."""
     liger: bool = False
     """Use Liger kernels (fused linear cross-entropy, ...) when liger-kernel is installed."""
     logging_steps: int = Field(1, ge=1)

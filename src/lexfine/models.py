@@ -199,7 +199,9 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     return config
 
 
-def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None):
+def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None, device=None):
+    """Load (or, for random:, build) the model. `device` builds random weights directly there (an 8B model
+    initialised on a CPU takes minutes); leave it None under ZeRO-3/FSDP, which place the weights themselves."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -212,7 +214,11 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
         state = torch.random.get_rng_state()
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
-            model = AutoModelForCausalLM.from_config(config, **common)
+            if device is not None:
+                with torch.device(device):
+                    model = AutoModelForCausalLM.from_config(config, **common)
+            else:
+                model = AutoModelForCausalLM.from_config(config, **common)
         finally:
             torch.random.set_rng_state(state)
     else:

@@ -75,7 +75,7 @@ def build_args(cfg: RunConfig, rd: RunDir):
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else 0,  # transformers 5: a float < 1 is a ratio
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -105,7 +105,21 @@ def build_args(cfg: RunConfig, rd: RunDir):
         use_cpu=not cuda,
     )
     fields.update(training_fields(cfg.launch.strategy, t.gradient_checkpointing))
-    return SFTConfig(**fields)
+    return SFTConfig(**_compatible(SFTConfig, fields))
+
+
+def _compatible(config_cls, fields: dict) -> dict:
+    """transformers renamed a few arguments during 5.x (group_by_length -> train_sampling_strategy)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    if "train_sampling_strategy" not in known:
+        fields["group_by_length"] = fields.pop("train_sampling_strategy") == "group_by_length"
+    dropped = [k for k in fields if k not in known]
+    for k in dropped:
+        log.warning("this transformers/TRL version has no %r; ignored", k)
+        fields.pop(k)
+    return fields
 
 
 def lora_config(cfg: RunConfig):
@@ -171,7 +185,14 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     dtype = None
     if cfg.method == "full" and cfg.model_args.dtype == "auto":
         dtype = torch.float32  # master weights in fp32; bf16 autocast does the compute
-    model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype)
+    device = None
+    if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes
+    model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
+    if cfg.train.fused_activation:
+        from lexfine.kernels.xielu import patch_xielu
+
+        patch_xielu(model, backend="inductor" if torch.cuda.is_available() else "aot_eager")
     peft_config = None
     if cfg.method == "lora":
         check_lora_targets(model, cfg.lora.target_modules)

@@ -1,0 +1,176 @@
+"""Training throughput on the real Apertus-8B architecture (random weights), through lexfine's own training path.
+
+    python benchmarks/train_throughput.py                 # one GPU: reference setup vs lexfine, lever by lever
+    python benchmarks/train_throughput.py --tiny          # CPU smoke run in seconds (tiny Apertus)
+
+Sequence lengths are drawn from the real French SJP train-year cases as lexfine tokenizes them (SmolLM2 tokenizer,
+sjp_default prompt, max 4096: benchmarks/sjp_fr_train_lengths.json; median 1461, p90 2998 tokens). Token ids are
+random: speed does not depend on them. Tokens/s counts real (non-pad) tokens only.
+
+MFU = achieved FLOP/s / peak bf16 dense FLOP/s (H100 SXM: 989e12; H200: 989e12), with FLOPs per real token
+    LoRA: 4N + 12 L d s     full: 6N + 12 L d s
+N = parameters of the decoder layers (embeddings and LM head excluded), L layers, d hidden size, s the token's own
+sequence length (attention; causal masking not discounted). Recomputation by checkpointing is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12}
+
+# Each row changes one thing from the row before it (levers measured one at a time).
+ROWS = [
+    ("reference (study: batch 4, pad longest, ckpt, loss on all)",
+     {"train.group_by_length": False, "train.fused_activation": False, "data.loss_on": "all"}),
+    ("+ length-grouped batches", {"train.group_by_length": True, "train.fused_activation": False, "data.loss_on": "all"}),
+    ("+ fused xIELU", {"train.group_by_length": True, "data.loss_on": "all"}),
+    ("+ loss on answer only (lexfine default)", {"train.group_by_length": True}),
+    ("+ no activation checkpointing", {"train.group_by_length": True, "train.gradient_checkpointing": False}),
+    ("+ no ckpt, batch 8", {"train.group_by_length": True, "train.gradient_checkpointing": False,
+                            "train.batch_size": 8}),
+]
+
+
+def minimal_tokenizer(vocab_size: int):
+    """Padding and EOS ids are all the trainer needs from a tokenizer when the data is already token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def synthetic_dataset(n: int, max_length: int, vocab: int, loss_on: str, seed: int = 0):
+    from datasets import Dataset
+
+    lengths = json.loads((HERE / "sjp_fr_train_lengths.json").read_text())["lengths"]
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = min(rng.choice(lengths), max_length)
+        seq = [rng.randrange(10, vocab) for _ in range(length)]
+        ids.append(seq)
+        labels.append(list(seq) if loss_on == "all" else [-100] * (length - 4) + seq[-4:])
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def decoder_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "lora_" not in n)
+
+
+def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: int, vocab_limit: int | None):
+    from trl import SFTTrainer
+    from transformers import TrainerCallback
+
+    from lexfine import models
+    from lexfine.config import build_config
+    from lexfine.kernels.xielu import patch_xielu
+    from lexfine.rundir import RunDir
+    from lexfine.train.sft import build_args, lora_config
+
+    cfg = build_config({}, base + [f"{k}={v}" for k, v in overrides.items()])
+    cfg.train.max_steps = warmup + steps
+    spec = models.resolve(cfg.model)
+    arch = models.architecture_config(spec, cfg.model_args)
+    vocab = min(arch.vocab_size, vocab_limit or arch.vocab_size)
+    tok = minimal_tokenizer(vocab)
+    data = synthetic_dataset((warmup + steps) * cfg.train.batch_size * 4, cfg.train.max_length, vocab,
+                             cfg.data.loss_on, seed=cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    torch.cuda.empty_cache() if cuda else None
+    torch.cuda.reset_peak_memory_stats() if cuda else None
+    model = models.load_model(spec, cfg.model_args, dtype=None if cuda else torch.float32,
+                              device="cuda" if cuda else None)
+    if cfg.train.fused_activation:
+        patch_xielu(model, backend="inductor" if cuda else "aot_eager")
+    n_dec, layers, hidden = decoder_params(model), arch.num_hidden_layers, arch.hidden_size
+    args = build_args(cfg, RunDir(Path("/tmp/lexfine-bench") / label.replace(" ", "_")[:40]))
+    args.save_strategy = "no"
+    args.report_to = []
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                if cuda:
+                    torch.cuda.synchronize()
+                marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=lora_config(cfg) if cfg.method == "lora" else None, callbacks=[Clock()])
+    err = None
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as e:
+        err = "OOM"
+        print(f"{label}: out of memory ({str(e).splitlines()[0][:120]})")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    row = {"setup": label, "batch": cfg.train.batch_size, "ckpt": cfg.train.gradient_checkpointing,
+           "peak_gib": round(peak, 1), "error": err}
+    if not err:
+        w = [m for m in marks if m[0] >= warmup]
+        (s0, t0, k0), (s1, t1, k1) = w[0], w[-1]
+        tokens_per_s = (k1 - k0) / (t1 - t0)
+        # attention FLOPs: per token 12*L*d*s, with s the mean sequence length weighted by tokens
+        lengths = [len(x) for x in data["input_ids"]]
+        s_mean = sum(x * x for x in lengths) / sum(lengths)
+        per_token = (4 if cfg.method == "lora" else 6) * n_dec + 12 * layers * hidden * s_mean
+        name = torch.cuda.get_device_name(0) if cuda else "cpu"
+        peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        row.update(tokens_per_s=round(tokens_per_s, 1), step_s=round((t1 - t0) / (s1 - s0), 3),
+                   mfu=round(tokens_per_s * per_token / peak_flops, 3) if peak_flops else None)
+    del trainer, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny Apertus on the CPU (smoke test)")
+    ap.add_argument("--model", default="random:apertus-8b")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or 'all'")
+    ap.add_argument("--method", default="lora", choices=["lora", "full"])
+    ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    a = ap.parse_args()
+    base = [f"model={a.model}", f"method={a.method}", "lora.r=64", "lora.alpha=128", "lora.dropout=0.0",
+            "train.batch_size=4", "train.max_length=4096", "train.lr=1e-4", "train.gradient_checkpointing=true",
+            "train.logging_steps=1"]
+    vocab_limit = None
+    if a.tiny:
+        arch = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+        base += [f"model_args.arch_overrides={json.dumps(arch)}", "model_args.dtype=float32", "train.max_length=256"]
+        a.steps, a.warmup, vocab_limit = 3, 1, 512
+    rows = ROWS if a.rows == "all" else [ROWS[int(i)] for i in a.rows.split(",")]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    results = []
+    for label, over in rows:
+        results.append(run_row(label, over, base, a.steps, a.warmup, vocab_limit))
+        print("ROW", json.dumps(results[-1]), flush=True)
+    ref = results[0].get("tokens_per_s")
+    print(f"\n{a.model} {a.method} on {device}; {a.steps} measured steps after {a.warmup} warm-up")
+    print(f"{'setup':58} {'batch':>5} {'ckpt':>5} {'tok/s':>9} {'x ref':>6} {'s/step':>7} {'MFU':>6} {'peak GiB':>9}")
+    for r in results:
+        tps = r.get("tokens_per_s")
+        ratio = f"{tps / ref:.2f}" if tps and ref else "-"
+        print(f"{r['setup'][:58]:58} {r['batch']:>5} {str(r['ckpt']):>5} {tps or r['error']!s:>9} {ratio:>6} "
+              f"{r.get('step_s', '-')!s:>7} {r.get('mfu') or '-'!s:>6} {r['peak_gib']:>9}")
+    if a.out:
+        a.out.write_text(json.dumps({"device": device, "model": a.model, "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

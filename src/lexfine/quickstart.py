@@ -1,0 +1,43 @@
+"""`lexfine quickstart`: the whole loop on a CPU in minutes — evaluate, fine-tune, evaluate, report."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from lexfine.config import load_config
+
+
+def quickstart_config_path() -> Path:
+    return Path(str(files("lexfine") / "configs" / "quickstart.yaml"))
+
+
+def _headline(summary: dict | None, metric: str) -> str:
+    if not summary or summary.get(metric) is None:
+        return "-"
+    return f"{summary[metric]:.3f}"
+
+
+def run_quickstart(out: Path, steps: int = 30, eval_limit: int = 60) -> Path:
+    from lexfine.report import write_report
+    from lexfine.train import run
+
+    out = Path(out)
+    cfg = load_config(quickstart_config_path(), [
+        f"output_dir={out / 'runs'}", f"train.max_steps={steps}", f"eval_options.limit={eval_limit}",
+    ])
+    print(f"lexfine quickstart: LoRA r={cfg.lora.r} on {cfg.model}, {steps} steps of {cfg.train.batch_size} "
+          f"bundled SJP cases (max {cfg.train.max_length} tokens); evaluation on {eval_limit} cases per task")
+    rd = run(cfg)
+    manifest = rd.manifest()
+    evals, base = manifest.get("evals", {}), manifest.get("base_evals", {})
+    rows = [("SJP macro-F1 (loglik)", "sjp-loglik", "macro_f1"), ("SJP accuracy (loglik)", "sjp-loglik", "accuracy"),
+            ("LEXam MCQ-4 accuracy (loglik)", "lexam_mcq4-loglik", "accuracy")]
+    print(f"\n{'metric':32} {'before':>8} {'after':>8}")
+    for label, key, metric in rows:
+        print(f"{label:32} {_headline(base.get(key), metric):>8} {_headline(evals.get(key), metric):>8}")
+    sjp = evals.get("sjp-loglik") or {}
+    if sjp.get("majority_baseline") is not None:
+        print(f"{'SJP majority-class accuracy':32} {sjp['majority_baseline']:>17.3f}")
+    print(f"\nrun directory: {rd.path}")
+    return write_report([rd.path], out / "report")

@@ -1,0 +1,245 @@
+"""report.md and report.html from findings and figures.
+
+Both are rendered from one list of blocks, so they always say the same thing. The HTML embeds every PNG as a
+base64 data URI (it opens offline, e-mailed alone) and still names each file, so a reader can find the PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from lexfine.errors import LexfineError
+from lexfine.report.collect import RunSet, collect
+from lexfine.report.findings import Settings, compute, smoothed_final_loss, to_json
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _lr(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _edge_note(edge: str | None) -> str:
+    return {"high": " (highest LR tried: the optimum may be higher)", "low": " (lowest LR tried: may be lower)",
+            "single": " (only LR tried)"}.get(edge or "", "")
+
+
+def _findings_rows(f: dict) -> list[list[str]]:
+    best, edges = f["best_lr"], f["best_lr_at_grid_edge"]
+    lora = best["lora"]
+    rows = [["Runs", f"{f['n_runs']} ({len(f['diverged'])} diverged, {len(f['incomplete'])} not completed)"],
+            ["Final loss (smoothing)", f["smoothing"]],
+            ["Best LR, full FT", _lr(best["full"]) + _edge_note(edges["full"])]]
+    if lora:
+        values = sorted({v for v in lora.values() if v is not None})
+        ranks = sorted(int(k) for k in lora)
+        if len(values) == 1:
+            lora_edges = {e for e in edges["lora"].values()}
+            note = _edge_note(lora_edges.pop()) if len(lora_edges) == 1 else ""
+            rows.append(["Best LR, LoRA", f"{_lr(values[0])} at every rank ({', '.join(map(str, ranks))}){note}"])
+        else:
+            rows.append(["Best LR, LoRA", ", ".join(f"r{rk}: {_lr(lora[str(rk)])}" for rk in ranks)])
+    else:
+        rows.append(["Best LR, LoRA", "n/a (no LoRA runs)"])
+    spread = f.get("best_lr_spread") or {}
+    rows += [
+        ["LoRA / full FT best-LR ratio", f"{_num(f['lr_ratio_lora_over_full'])} (best LoRA configuration's LR); "
+                                         f"median over ranks: {_num(f['lr_ratio_median_over_ranks'])}"],
+        ["Best LR independent of rank", "n/a" if f["rank_independent"] is None else
+         ("yes" if f["rank_independent"] else "no") + f" (max/min over ranks: {_num(spread.get('max_over_min'))})"],
+    ]
+    fl = f["final_loss"]
+    rows.append(["Final loss, best full FT / best LoRA",
+                 f"{_num(fl['full_best'])} (lr {_lr(fl['full_best_lr'])}) / {_num(fl['lora_best'])} "
+                 f"(r{fl['lora_best_rank']}, lr {_lr(fl['lora_best_lr'])})"])
+    rows.append(["Loss gap, full FT vs best LoRA", _pct(f["loss_gap_full_vs_best_lora"])
+                 + ("" if f["loss_gap_full_vs_best_lora"] is None else " (relative; negative: full FT lower)")])
+    sat = f.get("rank_saturation")
+    if sat:
+        rows.append(["Rank saturation", f"r{sat['rank']}: smallest rank within {100 * sat['tolerance']:g}% of the "
+                     f"best LoRA loss; ranks >= {sat['rank']} spread {100 * sat['spread_at_or_above']:.2f}%"
+                     + ("" if sat["all_at_or_above_within_tolerance"] else " (some higher ranks fall outside)")])
+    rows.append(["Diverged runs", ", ".join(f["diverged"]) or "none"])
+    rec = f["recommended"]
+    rows.append(["Recommended", f"**{rec['run']}**: {rec['why']}" if rec["run"] else rec["why"]])
+    return rows
+
+
+def _loss_grid(runset: RunSet, size: str, s: Settings) -> tuple[list[str], list[list[str]]] | None:
+    runs = [r for r in runset.runs if (r.size or "unknown") == size and r.lr is not None]
+    lrs = sorted({r.lr for r in runs})
+    lines = sorted({(r.method, r.rank) for r in runs}, key=lambda k: (k[0] == "full", k[1] or 0))
+    if not lrs or not lines:
+        return None
+    rows = []
+    for method, rank in lines:
+        cells: dict[float, float] = {}
+        for lr in lrs:
+            vals = [smoothed_final_loss(r, s.smooth_last) for r in runs
+                    if r.method == method and r.rank == rank and r.lr == lr]
+            vals = [v for v in vals if math.isfinite(v)]
+            if vals:
+                cells[lr] = sum(vals) / len(vals)
+        best = min(cells, key=cells.get) if cells else None
+        rows.append(["full FT" if method == "full" else f"LoRA r={rank}"] + [
+            ("**" + _num(cells[lr]) + "**" if lr == best else _num(cells[lr])) if lr in cells else "" for lr in lrs])
+    return ["", *[f"lr {_lr(lr)}" for lr in lrs]], rows
+
+
+def _run_rows(f: dict) -> tuple[list[str], list[list[str]]]:
+    ret = f.get("retention") or {}
+    head = ["run", "method", "rank", "lr", "final loss", "diverged"]
+    if ret.get("task_key"):
+        head.append(f"SJP {ret['task_metric']}")
+    if ret.get("lexam_key"):
+        head += ["LEXam acc", "LEXam drop (pts)"]
+    rows = []
+    for name, r in sorted(f["runs"].items(), key=lambda kv: (kv[1]["method"], kv[1]["rank"] or 0,
+                                                             kv[1]["lr"] or 0, kv[0])):
+        row = [name, r["method"], _num(r["rank"]), _lr(r["lr"]), _num(r["final_loss"]), "yes" if r["diverged"] else ""]
+        if ret.get("task_key"):
+            row.append(_num(r.get("task_metric")))
+        if ret.get("lexam_key"):
+            row += [_num(r.get("lexam_accuracy")), _num(r.get("lexam_drop_points"), 3)]
+        rows.append(row)
+    return head, rows
+
+
+def build_blocks(runset: RunSet, findings: dict, figures: list[dict], skipped: list[dict], s: Settings) -> list:
+    b: list = [("h", 1, "lexfine report")]
+    b.append(("p", f"Inputs: {', '.join('`' + i + '`' for i in runset.inputs)}. {len(runset.runs)} runs, model sizes: "
+                   f"{', '.join(findings)}. Final loss everywhere: {s.describe()}; replicates of one configuration "
+                   "are averaged. Every number below is computed by `lexfine report` from these inputs; "
+                   "definitions in docs/report.md."))
+    for size, f in findings.items():
+        b.append(("h", 2, f"Model size {size}"))
+        b.append(("table", ["Finding", "Value"], _findings_rows(f)))
+        grid = _loss_grid(runset, size, s)
+        if grid:
+            b.append(("h", 3, "Final training loss by configuration (bold: best LR of the row)"))
+            b.append(("table", *grid))
+        ret = f.get("retention") or {}
+        if ret.get("lexam_key") or ret.get("task_key"):
+            base = ret.get("lexam_base_accuracy")
+            b.append(("p", f"Task metric: {ret.get('task_key') or 'none'} {ret.get('task_metric') or ''}; "
+                           f"retention: {ret.get('lexam_key') or 'none'} (base model: {_num(base)}), allowed drop "
+                           f"{ret['max_drop_points']:g} points."))
+        b.append(("h", 3, "Runs"))
+        b.append(("table", *_run_rows(f)))
+        for fig in figures:
+            if fig["size"] == size:
+                b.append(("img", fig["file"], fig["title"]))
+    for fig in figures:
+        if fig["size"] is None:
+            b.append(("h", 2, fig["title"]))
+            b.append(("img", fig["file"], fig["title"]))
+    notes = [f"figure {x['figure']} skipped: {x['reason']}" for x in skipped] + runset.notes
+    if notes:
+        b.append(("h", 2, "Notes"))
+        b.append(("ul", notes))
+    return b
+
+
+def to_markdown(blocks: list) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind == "h":
+            out.append("#" * blk[1] + " " + blk[2])
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {x}" for x in blk[1]))
+        elif kind == "table":
+            head, rows = blk[1], blk[2]
+            esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+            lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{blk[2]}]({blk[1]})")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    t = html.escape(str(text))
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:left}th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}"
+        "figcaption{color:#555;font-size:0.9em}code{background:#f3f3f3;padding:0 3px}")
+
+
+def to_html(blocks: list, out: Path) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>lexfine report</title>',
+             f"<style>{_CSS}</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind == "h":
+            parts.append(f"<h{blk[1]}>{_inline(blk[2])}</h{blk[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(blk[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in blk[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(c)}</th>" for c in blk[1])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in blk[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((out / blk[1]).read_bytes()).decode("ascii")
+            name = html.escape(blk[1])
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(blk[2])}" '
+                         f'data-file="{name}"><figcaption>{_inline(blk[2])} (<a href="{name}">{name}</a>)'
+                         "</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(inputs: list[str | Path], out: str | Path, *, max_lexam_drop: float = 5.0, smooth_last: int = 20,
+                 rank_tolerance: float = 0.005, figures: bool = True) -> Path:
+    """Collect runs, compute findings, draw figures; write findings.json, report.md, report.html into `out`."""
+    from lexfine.rundir import atomic_write_text
+
+    if smooth_last < 1:
+        raise LexfineError(f"--smooth-last must be >= 1, not {smooth_last}")
+    if max_lexam_drop < 0:
+        raise LexfineError(f"--max-lexam-drop must be >= 0 points, not {max_lexam_drop:g}")
+    s = Settings(smooth_last=smooth_last, rank_tolerance=rank_tolerance, max_lexam_drop=max_lexam_drop)
+    runset = collect(list(inputs))
+    findings = compute(runset, s)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LexfineError(f"cannot create output folder {str(out)!r}: {e.strerror or e}") from None
+    for old in out.glob("*.png"):  # a figure from an earlier report of other data must not linger
+        old.unlink()
+    written, skipped = [], []
+    if figures:
+        from lexfine.report.plots import make_figures
+
+        written, skipped = make_figures(runset, findings, out, s)
+    atomic_write_text(out / "findings.json", to_json(findings))
+    blocks = build_blocks(runset, findings, written, skipped, s)
+    atomic_write_text(out / "report.html", to_html(blocks, out))
+    md = out / "report.md"
+    atomic_write_text(md, to_markdown(blocks))
+    return md

@@ -1,0 +1,169 @@
+"""Findings on synthetic run sets whose answers are known by construction."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lexfine.report.collect import collect
+from lexfine.report.findings import Settings, compute, to_json
+from lexfine.report.synthetic import loss_curve, write_run
+
+
+def _grid(root, lora: dict, full: dict, **kw):
+    """lora: {rank: {lr: final}}, full: {lr: final}."""
+    for rank, by_lr in lora.items():
+        for lr, final in by_lr.items():
+            write_run(root, name=f"r{rank}-lr{lr:g}", rank=rank, lr=lr, losses=loss_curve(final), **kw)
+    for lr, final in full.items():
+        write_run(root, name=f"full-lr{lr:g}", method="full", lr=lr, losses=loss_curve(final), **kw)
+
+
+def _findings(root, **settings):
+    return compute(collect([root]), Settings(**settings))["8B"]
+
+
+def test_optimum_inside_the_grid(tmp_path):
+    _grid(tmp_path, {8: {1e-4: 0.9, 3e-4: 0.7, 1e-3: 0.8}, 64: {1e-4: 0.85, 3e-4: 0.69, 1e-3: 0.75}},
+          {1e-5: 0.8, 3e-5: 0.6, 1e-4: 0.65})
+    f = _findings(tmp_path)
+    assert f["best_lr"] == {"full": 3e-5, "lora": {"8": 3e-4, "64": 3e-4}}
+    assert f["best_lr_at_grid_edge"] == {"full": None, "lora": {"8": None, "64": None}}
+    assert f["lr_ratio_lora_over_full"] == pytest.approx(10)
+    assert f["lr_ratio_per_rank"] == {"8": pytest.approx(10), "64": pytest.approx(10)}
+    assert f["rank_independent"] is True
+    # full 0.6 vs best LoRA 0.69 (r64): relative gap, negative because full FT is lower
+    assert f["loss_gap_full_vs_best_lora"] == pytest.approx((0.6 - 0.69) / 0.69)
+    assert f["final_loss"]["lora_best_rank"] == 64
+    assert f["diverged"] == []
+
+
+def test_optimum_at_the_grid_edges_and_rank_dependence(tmp_path):
+    _grid(tmp_path, {4: {1e-4: 0.9, 1e-3: 0.8}, 16: {1e-4: 0.7, 1e-3: 0.75}}, {1e-5: 0.8, 1e-4: 0.7})
+    f = _findings(tmp_path)
+    assert f["best_lr"]["lora"] == {"4": 1e-3, "16": 1e-4}
+    assert f["best_lr_at_grid_edge"]["lora"] == {"4": "high", "16": "low"}
+    assert f["best_lr_at_grid_edge"]["full"] == "high"
+    assert f["rank_independent"] is False
+    assert f["best_lr_spread"]["max_over_min"] == pytest.approx(10)
+    # ratio from the best LoRA configuration (r16 at 1e-4) over full's 1e-4; the log-median of 1e-3, 1e-4 is ~3.16e-4
+    assert f["lr_ratio_lora_over_full"] == pytest.approx(1)
+    assert f["lr_ratio_median_over_ranks"] == pytest.approx(math.sqrt(10))
+    assert f["lr_ratio_per_rank"] == {"4": pytest.approx(10), "16": pytest.approx(1)}
+
+
+def test_ties_go_to_the_smaller_lr(tmp_path):
+    _grid(tmp_path, {8: {1e-4: 0.7, 1e-3: 0.7, 1e-5: 0.9}}, {})
+    f = _findings(tmp_path)
+    assert f["best_lr"] == {"full": None, "lora": {"8": 1e-4}}
+    assert f["best_lr_ties"] == {"lora_r8": [1e-4, 1e-3]}
+    assert f["lr_ratio_lora_over_full"] is None and f["loss_gap_full_vs_best_lora"] is None
+
+
+def test_diverged_runs_are_listed_and_never_best(tmp_path):
+    _grid(tmp_path, {8: {1e-4: 0.8, 3e-4: 0.75}}, {})
+    # NaN in the middle of the curve: diverged even though its tail is low
+    nan_curve = loss_curve(0.5)
+    nan_curve[10] = float("nan")
+    write_run(tmp_path, name="nan", rank=8, lr=1e-3, losses=nan_curve)
+    # a loss that ends above where it started: finite, but diverged (and the lowest final loss of all)
+    write_run(tmp_path, name="rising", rank=8, lr=3e-3, losses=[0.3 + 0.01 * i for i in range(40)])
+    f = _findings(tmp_path)
+    assert [n.split("-")[0] for n in f["diverged"]] == ["nan", "rising"]
+    assert f["best_lr"]["lora"] == {"8": 3e-4}
+    assert f["lrs_tried"]["lora_r8"] == [1e-4, 3e-4, 1e-3, 3e-3]
+    assert f["recommended"]["run"].startswith("r8-lr0.0003")
+    nan_run = next(v for k, v in f["runs"].items() if k.startswith("nan"))
+    assert nan_run["diverged"] and nan_run["final_loss"] == pytest.approx(0.5)  # its tail is finite
+
+
+def test_all_runs_diverged(tmp_path):
+    write_run(tmp_path, name="bad", rank=8, lr=1e-2, losses=[1.0, 2.0, float("inf")])
+    f = _findings(tmp_path)
+    assert f["recommended"]["run"] is None and f["best_lr"]["lora"] == {"8": None}
+    assert math.isnan(f["runs"][f["diverged"][0]]["final_loss"])
+    text = to_json({"8B": f})  # JSON has no NaN/Infinity: a non-finite loss is written as null
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["8B"]["runs"][f["diverged"][0]]["final_loss"] is None
+
+
+def test_rank_saturation_and_replicates(tmp_path):
+    _grid(tmp_path, {4: {1e-3: 0.80}, 8: {1e-3: 0.76}, 16: {1e-3: 0.752}, 32: {1e-3: 0.75}}, {})
+    # a replicate of r32 (other seed) with 0.754: the configuration's loss is the mean, 0.752
+    write_run(tmp_path, name="r32-lr0.001", rank=32, lr=1e-3, losses=loss_curve(0.754), seed=7)
+    f = _findings(tmp_path)
+    sat = f["rank_saturation"]
+    assert f["final_loss"]["lora_best_per_rank"]["32"] == pytest.approx(0.752)
+    # best: r16 and r32 tie at 0.752 -> the smaller rank is reported; 0.5% of 0.752: r8 (0.76) is outside
+    assert f["final_loss"]["lora_best_rank"] == 16
+    assert sat["rank"] == 16 and sat["ranks_within_tolerance"] == [16, 32]
+    assert sat["all_at_or_above_within_tolerance"] is True
+    assert _findings(tmp_path, rank_tolerance=0.02)["rank_saturation"]["rank"] == 8
+
+
+def test_smoothing_window_is_configurable(tmp_path):
+    losses = [2.0] * 10 + [1.0] * 10 + [0.5] * 5
+    write_run(tmp_path, name="a", rank=8, lr=1e-4, losses=losses)
+    assert _findings(tmp_path, smooth_last=5)["runs"][next(iter(_findings(tmp_path)["runs"]))]["final_loss"] == 0.5
+    f = _findings(tmp_path, smooth_last=20)
+    assert next(iter(f["runs"].values()))["final_loss"] == pytest.approx((10 * 1.0 + 5 * 0.5 + 5 * 2.0) / 20)
+    assert f["smoothing"] == "mean of the last 20 logged training-loss values of each run"
+
+
+def _eval(f1, acc, lexam):
+    return {"sjp-loglik": {"accuracy": acc, "macro_f1": f1}, "lexam_mcq4-loglik": {"accuracy": lexam}}
+
+
+def test_recommendation_respects_the_lexam_drop(tmp_path):
+    base = {"lexam_mcq4-loglik": {"accuracy": 0.40}, "sjp-loglik": {"accuracy": 0.6, "macro_f1": 0.4}}
+    # best F1 but forgets 8 points; second best forgets 3; third keeps everything
+    write_run(tmp_path, name="greedy", rank=8, lr=1e-3, losses=loss_curve(0.6), evals=_eval(0.80, 0.85, 0.32),
+              base_evals=base)
+    write_run(tmp_path, name="balanced", rank=8, lr=1e-4, losses=loss_curve(0.7), evals=_eval(0.75, 0.80, 0.37),
+              base_evals=base)
+    write_run(tmp_path, name="timid", rank=8, lr=1e-5, losses=loss_curve(0.9), evals=_eval(0.60, 0.70, 0.40),
+              base_evals=base)
+    f = _findings(tmp_path)
+    rec = f["recommended"]
+    assert rec["run"].startswith("balanced") and rec["criterion"] == "task_metric_within_lexam_drop"
+    assert rec["lexam_drop_points"] == pytest.approx(3.0)
+    assert f["retention"]["task_metric"] == "macro_f1" and f["retention"]["lexam_key"] == "lexam_mcq4-loglik"
+    assert "macro_f1" in rec["why"] and "5 points" in rec["why"]
+    assert _findings(tmp_path, max_lexam_drop=10)["recommended"]["run"].startswith("greedy")
+    strict = _findings(tmp_path, max_lexam_drop=0)["recommended"]
+    assert strict["run"].startswith("timid")
+    none_ok = _findings(tmp_path, max_lexam_drop=0)
+    assert none_ok["recommended"]["criterion"] == "task_metric_within_lexam_drop"
+
+
+def test_recommendation_without_evals_is_lowest_loss(tmp_path):
+    _grid(tmp_path, {8: {1e-4: 0.8, 1e-3: 0.7}}, {1e-5: 0.65})
+    rec = _findings(tmp_path)["recommended"]
+    assert rec["run"].startswith("full-lr1e-05") and rec["criterion"] == "lowest_loss"
+    assert "mean of the last 20" in rec["why"]
+
+
+def test_recommendation_with_task_but_no_lexam(tmp_path):
+    write_run(tmp_path, name="a", rank=8, lr=1e-4, losses=loss_curve(0.8),
+              evals={"sjp-loglik": {"accuracy": 0.7, "macro_f1": 0.5}})
+    write_run(tmp_path, name="b", rank=8, lr=1e-3, losses=loss_curve(0.7),
+              evals={"sjp-loglik": {"accuracy": 0.7, "macro_f1": 0.6}})
+    write_run(tmp_path, name="c", rank=8, lr=1e-5, losses=loss_curve(0.9))  # missing evals: not a candidate
+    rec = _findings(tmp_path)["recommended"]
+    assert rec["run"].startswith("b") and rec["criterion"] == "task_metric_unchecked"
+
+
+def test_findings_json_is_deterministic_with_string_rank_keys(tmp_path):
+    _grid(tmp_path, {1: {1e-4: 0.81234567891, 1e-3: 0.7}, 512: {1e-3: 0.69}}, {1e-4: 0.6})
+    a = to_json(compute(collect([tmp_path])))
+    b = to_json(compute(collect([tmp_path])))
+    assert a == b
+    data = json.loads(a)
+    assert list(data) == ["8B"]
+    assert set(data["8B"]["best_lr"]["lora"]) == {"1", "512"}
+    assert data["8B"]["runs"][next(k for k in data["8B"]["runs"] if k.startswith("r1-lr0.0001"))][
+        "final_loss"] == 0.812346  # rounded to 6 significant digits
+    for key in ("best_lr", "lr_ratio_lora_over_full", "loss_gap_full_vs_best_lora", "diverged", "recommended"):
+        assert key in data["8B"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -70,6 +71,9 @@ def train(
             raise typer.Exit(code)
         typer.echo(rd.path)
         return
+    if cfg.launch.num_processes == 1 and not in_distributed_launch() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # One process on a multi-GPU node: the Trainer would wrap the model in nn.DataParallel, which TRL refuses.
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     from lexfine.train import run
 
     rd = run(cfg)
@@ -91,8 +95,8 @@ def export(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("quickstart"), help="Folder for the run, its evaluations and the report."),
-    steps: int = typer.Option(40, help="Training steps."),
-    eval_limit: int = typer.Option(100, help="Cases per evaluation (SJP and LEXam), before and after."),
+    steps: int = typer.Option(20, help="Training steps (4 cases each)."),
+    eval_limit: int = typer.Option(60, help="Cases per evaluation (SJP and LEXam), before and after."),
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M with LoRA on bundled SJP cases (CPU, a few minutes), evaluate SJP and
     LEXam MCQ-4 before and after, and write a report."""

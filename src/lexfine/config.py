@@ -206,7 +206,10 @@ class RunConfig(Section):
         return v
 
     def run_hash(self) -> str:
-        payload = self.model_dump(mode="json", exclude=ID_EXCLUDE)
+        exclude = dict(ID_EXCLUDE)
+        if self.method == "full":
+            exclude["lora"] = True  # LoRA settings do not change a full fine-tune
+        payload = self.model_dump(mode="json", exclude=exclude)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -112,3 +112,17 @@ def test_bad_config_is_one_line_error(tmp_path):
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lora.rr" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_failed_evaluation_leaves_the_run_completed(tiny_config, monkeypatch):
+    import lexfine.eval
+
+    def broken(*a, **kw):
+        raise RuntimeError("scoring exploded")
+
+    monkeypatch.setattr(lexfine.eval, "run_configured_evals", broken)
+    cfg = validate(tiny_config(eval=["sjp"]))
+    with pytest.raises(Exception, match="scoring exploded"):
+        run(cfg)
+    m = RunDir(cfg.run_dir()).manifest()
+    assert m["status"] == "completed" and "scoring exploded" in m["eval_error"]

@@ -85,3 +85,12 @@ def test_shipped_configs_validate_and_start_with_command():
         first = f.read_text().splitlines()[0]
         assert first.startswith("# ") and "lexfine" in first, f
         load_config(f)
+
+
+def test_lora_settings_do_not_change_a_full_finetune_id():
+    a = build_config({}, ["method=full", "lora.r=8"])
+    b = build_config({}, ["method=full", "lora.r=64"])
+    c = build_config({}, ["method=lora", "lora.r=64"])
+    d = build_config({}, ["method=lora", "lora.r=8"])
+    assert a.run_id() == b.run_id()
+    assert c.run_id() != d.run_id()

@@ -42,7 +42,7 @@ def run(cfg: RunConfig) -> RunDir:
     try:
         preempted = _train(cfg, rd, main)
     except BaseException as e:
-        if main:
+        if main and not isinstance(e, EvalAfterTrainingError):
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             rd.set_status(status, error=redact(f"{type(e).__name__}: {detail}"),
@@ -232,12 +232,25 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
             final_loss=rows[-1]["loss"] if rows else None, train_loss_mean=result.training_loss,
             train_tokens=tokens, tokens_per_s=round(tokens / wall, 1) if tokens and wall > 0 else None,
             output=out.name,
+            peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         )
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(rd.checkpoints, ignore_errors=True)
     if cfg.eval:
-        _evaluate(cfg, rd, trainer, tokenizer, main)
+        try:
+            _evaluate(cfg, rd, trainer, tokenizer, main)
+        except Exception as e:
+            # The trained weights are saved and the run stays completed: an evaluation can be redone with
+            # `lexfine eval`, while marking the run failed would make a rerun retrain it from scratch.
+            if main:
+                rd.update_manifest(eval_error=redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            log.error("evaluation after training failed (the run is saved and completed): %s", e)
+            raise EvalAfterTrainingError(str(e)) from e
     return False
+
+
+class EvalAfterTrainingError(LexfineError):
+    """Training completed and was saved; the evaluations that followed failed."""
 
 
 def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> None:

@@ -1,0 +1,169 @@
+"""`lexfine sweep plan|run|status|submit SWEEP.yaml`: registered on the main app by `register(app)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lexfine.errors import LexfineError
+
+sweep_app = typer.Typer(
+    help="Grids of runs from one sweep file: plan them, run them locally one after another, or submit to SLURM.",
+    no_args_is_help=True,
+)
+
+SWEEP_ARG = typer.Argument(..., help="Sweep YAML (e.g. configs/sweep/tiny_cpu.yaml).")
+ONLY_OPT = typer.Option(None, "--only", help="Only these runs: run id, run name, glob (*lr1e-4*) or index; repeatable.")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _load(path: Path):
+    from lexfine.sweep.grid import load_sweep
+
+    return load_sweep(path)
+
+
+def _select(sweep, only: Optional[List[str]]):
+    if not only:
+        return None
+    chosen = []
+    for pattern in only:
+        found = sweep.find(pattern)
+        if not found:
+            raise LexfineError(f"--only {pattern!r} matches no run of sweep {sweep.name!r} (see `lexfine sweep plan`)")
+        chosen += [r for r in found if r not in chosen]
+    return sorted(chosen, key=lambda r: r.index)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+@sweep_app.command("plan")
+def plan(
+    sweep_file: Path = SWEEP_ARG,
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
+) -> None:
+    """Print the runs a sweep file expands to (validated; nothing is written)."""
+    try:
+        import json
+
+        from lexfine.rundir import RunDir
+
+        sweep = _load(sweep_file)
+        if json_out:
+            for r in sweep.runs:
+                typer.echo(json.dumps({"index": r.index, "run_id": r.run_id, "name": r.name, "run_dir": str(r.run_dir),
+                                       "assignment": r.assignment, "eval": list(r.config.eval)}))
+            return
+        width = max(len(r.run_id) for r in sweep.runs)
+        for r in sweep.runs:
+            state = RunDir(r.run_dir).status or "new"
+            typer.echo(f"{r.index:>3}  {r.run_id.ljust(width)}  {state:<11}  {r.describe()}")
+        methods: dict[str, int] = {}
+        for r in sweep.runs:
+            methods[r.config.method] = methods.get(r.config.method, 0) + 1
+        merged = f"; {sweep.merged} duplicate combinations merged" if sweep.merged else ""
+        typer.echo(f"\nsweep {sweep.name}: {len(sweep.runs)} runs ("
+                   + ", ".join(f"{n} {m}" for m, n in methods.items()) + f"){merged}")
+        typer.echo(f"sweep directory: {_rel(sweep.sweep_dir)}   evaluations: {', '.join(sweep.eval) or 'none'}")
+    except LexfineError as e:
+        _fail(e)
+
+
+@sweep_app.command("run")
+def run(
+    sweep_file: Path = SWEEP_ARG,
+    only: Optional[List[str]] = ONLY_OPT,
+    retry_failed: bool = typer.Option(True, "--retry-failed/--skip-failed", help="Train runs that failed before again."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Train only; skip the evaluations."),
+    in_process: bool = typer.Option(False, "--in-process", help="Train and evaluate in this process "
+                                    "(faster start; a crash stops the sweep). Default: one process per run."),
+    launcher: str = typer.Option("accelerate", help="Runs with launch.num_processes > 1: accelerate or torchrun."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream training output (always in logs/)."),
+) -> None:
+    """Train and evaluate the runs locally, one after another: completed runs are skipped, incomplete ones
+    resume from their last checkpoint, failures are listed at the end (exit code 1)."""
+    try:
+        from lexfine.sweep.local import run_sweep, summary
+
+        sweep = _load(sweep_file)
+        chosen = _select(sweep, only)
+        typer.echo(f"sweep {sweep.name}: {len(chosen or sweep.runs)} runs in {_rel(sweep.sweep_dir)}")
+        outcomes = run_sweep(sweep, only=chosen, retry_failed=retry_failed, evaluate=not no_eval,
+                             in_process=in_process, launcher=launcher, verbose=verbose, echo=typer.echo)
+    except LexfineError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    typer.echo("\n" + summary(outcomes))
+    typer.echo(f"status: lexfine sweep status {sweep_file}")
+    if any(o.state in ("failed", "eval-failed") for o in outcomes):
+        raise typer.Exit(1)
+
+
+@sweep_app.command("status")
+def status(
+    sweep_file: Path = SWEEP_ARG,
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
+    no_slurm: bool = typer.Option(False, "--no-slurm", help="Do not ask squeue about queued jobs."),
+) -> None:
+    """A table of the sweep's runs: state, steps, final loss, evaluation metrics, wall time, SLURM job."""
+    try:
+        import json
+
+        from lexfine.sweep.status import collect, render
+
+        sweep = _load(sweep_file)
+        rows = collect(sweep, query_slurm=not no_slurm)
+        if json_out:
+            for row in rows:
+                typer.echo(json.dumps(row))
+        else:
+            typer.echo(render(rows))
+    except LexfineError as e:
+        _fail(e)
+
+
+@sweep_app.command("submit")
+def submit(
+    sweep_file: Path = SWEEP_ARG,
+    slurm_profile: Path = typer.Option(..., "--slurm-profile", "-p",
+                                       help="Cluster profile YAML (e.g. configs/slurm/cscs_alps.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the scripts and print the sbatch commands; submit nothing."),
+    only: Optional[List[str]] = ONLY_OPT,
+    force: bool = typer.Option(False, "--force", help="Submit completed runs and runs with a queued job again."),
+    workdir: Optional[Path] = typer.Option(None, help="Working directory of the jobs (default: the profile's, else here)."),
+) -> None:
+    """Write one sbatch script per run (and a dependent evaluation job) and submit them to SLURM."""
+    try:
+        from lexfine.sweep.slurm import load_profile
+        from lexfine.sweep.slurm import submit as do_submit
+
+        sweep = _load(sweep_file)
+        profile = load_profile(slurm_profile)
+        chosen = _select(sweep, only)
+        typer.echo(f"sweep {sweep.name}: {len(chosen or sweep.runs)} runs; scripts in {_rel(sweep.sweep_dir / 'slurm')}")
+        records = do_submit(sweep, profile, dry_run=dry_run, force=force, only=chosen,
+                            workdir=str(workdir.absolute()) if workdir else None, echo=typer.echo)
+    except LexfineError as e:
+        _fail(e)
+    if dry_run:
+        typer.echo(f"\ndry run: {len(records)} training scripts written, nothing submitted")
+    else:
+        typer.echo(f"\nsubmitted {len(records)} runs; job ids in {_rel(sweep.sweep_dir / 'sweep.jsonl')}")
+        typer.echo(f"status: lexfine sweep status {sweep_file}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(sweep_app, name="sweep")

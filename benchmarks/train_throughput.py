@@ -37,6 +37,8 @@ ROWS = [
     ("+ no activation checkpointing", {"train.group_by_length": True, "train.gradient_checkpointing": False}),
     ("+ no ckpt, batch 8", {"train.group_by_length": True, "train.gradient_checkpointing": False,
                             "train.batch_size": 8}),
+    ("lexfine default, batch 8", {"train.group_by_length": True, "train.batch_size": 8}),
+    ("lexfine default, batch 16", {"train.group_by_length": True, "train.batch_size": 16}),
 ]
 
 

@@ -1,0 +1,108 @@
+"""`lexfine eval`: registered on lexfine's typer app by lexfine.cli (and runnable as `python -m lexfine.eval`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lexfine.errors import LexfineError
+
+
+def eval_command(
+    target: str = typer.Argument(..., help="A run directory (base + LoRA adapter, or full weights) or a model: "
+                                           "hub id, local directory, smollm2-135m, random:<arch>."),
+    task: str = typer.Option("sjp", "--task", "-t", help="sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16 or lexam_mcq32 "
+                                                          "(comma-separated for several)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data: a file or folder, a hub id or bundled:<name>. "
+                                       "Default: eval_options of a run (else bundled:sjp_fr_heldout, the bundled "
+                                       "LEXam MCQ-4 sample; LEXam 8+: the hub). Hub SJP: rcds/swiss_judgment_prediction."),
+    mode: str = typer.Option("loglik", "--mode", "-m", help="loglik: score the candidate answers (no parsing). "
+                                                            "generate: greedy decoding + parsing (study parity)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write <out>/eval/<task>-<mode>/. Default: the run "
+                                       "directory (its manifest is updated), or ./evals/<model> for a model."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N cases (a seeded random subset)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Cases per forward pass (length-sorted)."),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=64, help="Also cap a batch at "
+                                                   "this many padded tokens (short cases then share larger batches)."),
+    split: Optional[str] = typer.Option(None, "--split", help="SJP: train, validation, test or all (default: test "
+                                        "on the hub, all rows of a local file). LEXam: the hub split (test)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=32, help="Context limit; longer facts are "
+                                             "cut as in training. Default: the run's train.max_length, else 4096."),
+    base: Optional[str] = typer.Option(None, "--base", help="LoRA runs: the base model to put the adapter on "
+                                       "(default: the run's model)."),
+    backend: str = typer.Option("hf", "--backend", help="generate mode: hf (transformers) or vllm (if installed)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="generate mode: new tokens "
+                                                 "(default: 16 for SJP, 1024 for the LEXam chain of thought)."),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Model targets: SJP prompt "
+                                                  "template (a run uses its own)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Model targets: system message "
+                                                "('none' for none; a run uses its own)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute a model's scores even when cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Evaluate a run or a model on SJP or LEXam; prints the summary.json path last."""
+    try:
+        _run(**locals())
+    except LexfineError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+
+
+def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, split, max_length, base, backend, max_new_tokens,
+         prompt_template, system_prompt, seed, no_cache, quiet) -> None:
+    from lexfine.config import DataArgs
+    from lexfine.eval.runner import evaluate
+    from lexfine.eval.tasks import check_mode, get_task
+
+    tasks = [get_task(t.strip()).name for t in task.split(",") if t.strip()]
+    check_mode(mode)
+    data_args = None
+    if prompt_template is not None or system_prompt is not None:
+        from lexfine.data.prompts import load_template
+
+        fields = {}
+        if prompt_template is not None:
+            load_template(prompt_template)  # one-line error now rather than after the model loaded
+            fields["prompt_template"] = prompt_template
+        if system_prompt is not None:
+            fields["system_prompt"] = None if system_prompt.lower() == "none" else system_prompt
+        data_args = DataArgs(**fields)
+    if data is not None and len(tasks) > 1:
+        raise _user_error("--data applies to one task; evaluate the tasks one at a time")
+    paths = []
+    for name in tasks:
+        summary = evaluate(target, name, mode, data=data, out=out, limit=limit, batch_size=batch_size,
+                           max_length=max_length, split=split, base=base, backend=backend,
+                           max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
+                           progress=not quiet, max_batch_tokens=max_batch_tokens)
+        if not summary:  # a non-zero rank of a data-parallel launch: rank 0 reports
+            continue
+        typer.echo(_line(summary), err=True)
+        paths.append(summary["summary_path"])
+    for p in paths:
+        typer.echo(p)
+
+
+def _user_error(msg: str) -> LexfineError:
+    from lexfine.errors import ConfigError
+
+    return ConfigError(msg)
+
+
+def _line(s: dict) -> str:
+    ci = s.get("accuracy_ci95") or [float("nan")] * 2
+    parts = [f"{s['task']}-{s['mode']}: n={s['n']}", f"accuracy={s['accuracy']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+             f"macro_f1={s['macro_f1']:.4f}", f"majority={s['majority_baseline']:.4f}",
+             f"chance={s['chance_level']:.3f}"]
+    if s["mode"] == "generate":
+        parts.append(f"parse_failures={s['parse_failures']} ({s['parse_failure_rate']:.1%})")
+    if s.get("cached"):
+        parts.append("(cached)")
+    return "  ".join(parts)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

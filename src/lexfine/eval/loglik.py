@@ -1,0 +1,266 @@
+"""Score candidate answers by log-likelihood: one forward pass per case, however many candidates it has.
+
+Each row of a batch is laid out as
+
+    [left pad][prompt ........ p_last][c1[:-1]][c2[:-1]]...[block pad]
+                                      '----- candidate block -----'
+
+and attends with a 4D mask: the prompt is causal; candidate c's tokens see the whole prompt and their own earlier
+tokens, never another candidate's; each candidate restarts its position ids where the prompt ends. So the prompt
+(1k+ tokens for SJP) is computed once per case instead of once per candidate, and multi-token labels
+("approval" + end-of-turn, "dismissal" + end-of-turn) are scored exactly. A candidate's last token is never an
+input (nothing is predicted from it), so single-token candidates (LEXam letters) need no block at all: the logits
+at the prompt's last position score them all, and then a plain 2D padding mask suffices.
+
+Left padding puts every row's prompt end in the same column, so only the last `block + 1` columns need logits
+(`logits_to_keep`): the vocabulary projection runs on a handful of positions instead of the whole sequence.
+Batches are sorted by length (longest first, so that an out-of-memory error shows at once) and padded to their own
+maximum.
+
+That is the `packed` strategy (CPU default). On GPUs the default is `cached`: the right-padded prompts go through
+with no mask at all (causal attention alone keeps the padding out, so SDPA picks its flash kernel) and every
+candidate block follows in one small pass on the prompts' KV cache. Same scores, prompt still computed once;
+measured 15% faster for the 8B architecture on an H200.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+# Attention implementations that accept a custom 4D mask; others (flash-attention) fall back to one row per candidate.
+MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager"}
+
+
+@dataclass
+class Case:
+    prompt: list[int]
+    candidates: list[list[int]]  # token ids of each candidate answer (non-empty)
+
+
+def _block(candidates: list[list[int]]) -> tuple[list[int], list[int]]:
+    """The input tokens after the prompt (every candidate but its last token) and each candidate's block offset."""
+    block, offsets = [], []
+    for c in candidates:
+        offsets.append(len(block))
+        block.extend(c[:-1])
+    return block, offsets
+
+
+def _attn_impl(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_batch(cases: list[Case], pad_id: int, device, mask_dtype=None):
+    """Tensors for one forward pass: input_ids, position_ids, attention mask (2D or 4D) and the block width."""
+    blocks = [_block(c.candidates) for c in cases]
+    width = max(len(b) for b, _ in blocks)
+    plen = max(len(c.prompt) for c in cases)
+    total = plen + width
+    s = plen - 1  # the column of every row's last prompt token
+    bsz = len(cases)
+    ids = torch.full((bsz, total), pad_id, dtype=torch.long)
+    pos = torch.zeros((bsz, total), dtype=torch.long)
+    seg = torch.full((bsz, total), -1, dtype=torch.long)  # -1 padding, 0 prompt, c + 1 candidate c
+    for i, (case, (block, offsets)) in enumerate(zip(cases, blocks)):
+        n_prompt = len(case.prompt)
+        ids[i, plen - n_prompt:plen] = torch.tensor(case.prompt)
+        pos[i, plen - n_prompt:plen] = torch.arange(n_prompt)
+        seg[i, plen - n_prompt:plen] = 0
+        for c, (cand, off) in enumerate(zip(case.candidates, offsets)):
+            n = len(cand) - 1
+            start = plen + off
+            ids[i, start:start + n] = torch.tensor(cand[:-1], dtype=torch.long)
+            pos[i, start:start + n] = torch.arange(n_prompt, n_prompt + n)
+            seg[i, start:start + n] = c + 1
+    ids, pos, seg = ids.to(device), pos.to(device), seg.to(device)
+    valid = seg >= 0
+    if width == 0:
+        return ids, pos, valid.long(), 0, s
+    # 4D mask [B, 1, T, T], True = may attend, built on the device (a 4k x 4k mask per row is slow on the CPU):
+    # causal, never into padding, and a key must be in the prompt or in the query's own candidate.
+    ar = torch.arange(total, device=device)
+    causal = ar[None, :, None] >= ar[None, None, :]
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    mask = causal & same & valid[:, None, :]
+    mask |= torch.eye(total, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]  # padding sees itself only
+    mask = mask[:, None]
+    if mask_dtype is not None:  # eager attention adds the mask to the scores
+        mask = torch.where(mask, torch.tensor(0.0, dtype=mask_dtype, device=device),
+                           torch.tensor(torch.finfo(mask_dtype).min, dtype=mask_dtype, device=device))
+    return ids, pos, mask, width, s
+
+
+def _logits_last(model, ids, pos, mask, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` columns only, through `logits_to_keep` when the model supports it."""
+    if _accepts(model, "logits_to_keep"):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+        logits = out.logits
+        return logits[:, -keep:] if logits.shape[1] != keep else logits
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    return out.logits[:, -keep:]
+
+
+def _score_batch(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+    mask_dtype = None
+    if _attn_impl(model) == "eager":
+        mask_dtype = next(model.parameters()).dtype
+    ids, pos, mask, width, _ = build_batch(cases, pad_id, device, mask_dtype)
+    logp = torch.log_softmax(_logits_last(model, ids, pos, mask, width + 1).float(), dim=-1)
+    out = []
+    for i, case in enumerate(cases):
+        _, offsets = _block(case.candidates)
+        row = []
+        for c, off in zip(case.candidates, offsets):
+            # token 0 is predicted at the prompt's end (kept column 0); token j>=1 at kept column off + j
+            cols = torch.tensor([0] + [off + j for j in range(1, len(c))], device=logp.device)
+            toks = torch.tensor(c, device=logp.device)
+            row.append(float(logp[i, cols, toks].sum()))
+        out.append(row)
+    return out
+
+
+def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+    """The same scores in two passes: the right-padded prompts with no mask at all (causal attention alone keeps
+    padding out of real tokens, so SDPA can use its flash kernel), then every candidate block at once on top of the
+    prompts' KV cache, with a small [B, 1, K, T + K] mask. The prompt is still computed once per case."""
+    bsz = len(cases)
+    lens = torch.tensor([len(c.prompt) for c in cases])
+    plen = int(lens.max())
+    ids = torch.full((bsz, plen), pad_id, dtype=torch.long)
+    for i, case in enumerate(cases):
+        ids[i, : len(case.prompt)] = torch.tensor(case.prompt)
+    blocks = [_block(c.candidates) for c in cases]
+    width = max(len(b) for b, _ in blocks)
+    last = lens - 1
+    cols = torch.unique(last)  # sorted; logits at each row's last prompt token only
+    out = model(input_ids=ids.to(device), logits_to_keep=cols.to(device), use_cache=width > 0)
+    first = torch.log_softmax(out.logits[torch.arange(bsz), torch.searchsorted(cols, last).to(device)].float(), -1)
+    scores = [[float(first[i, c[0]]) for c in case.candidates] for i, case in enumerate(cases)]
+    if width == 0:
+        return scores
+    blk = torch.full((bsz, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((bsz, width), dtype=torch.long)
+    seg = torch.full((bsz, width), -1, dtype=torch.long)
+    for i, (case, (block, offsets)) in enumerate(zip(cases, blocks)):
+        for c, (cand, off) in enumerate(zip(case.candidates, offsets)):
+            n = len(cand) - 1
+            blk[i, off:off + n] = torch.tensor(cand[:-1], dtype=torch.long)
+            pos[i, off:off + n] = torch.arange(len(case.prompt), len(case.prompt) + n)
+            seg[i, off:off + n] = c + 1
+    seg = seg.to(device)
+    ar = torch.arange(width, device=device)
+    own = (seg[:, None, :] == seg[:, :, None]) & (ar[None, None, :] <= ar[None, :, None]) & (seg[:, None, :] > 0)
+    own |= torch.eye(width, dtype=torch.bool, device=device)[None] & (seg[:, :, None] < 0)
+    prompt_keys = (torch.arange(plen)[None, :] < lens[:, None]).to(device)  # not the right padding
+    mask = torch.cat([prompt_keys[:, None, :].expand(bsz, width, plen), own], dim=-1)[:, None]
+    if _attn_impl(model) == "eager":
+        dtype = next(model.parameters()).dtype
+        mask = torch.where(mask, torch.tensor(0.0, dtype=dtype, device=device),
+                           torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
+    out2 = model(input_ids=blk.to(device), position_ids=pos.to(device), attention_mask=mask,
+                 past_key_values=out.past_key_values, use_cache=True, logits_to_keep=width)
+    logp = torch.log_softmax(out2.logits.float(), -1)
+    for i, (case, (_, offsets)) in enumerate(zip(cases, blocks)):
+        for c, (cand, off) in enumerate(zip(case.candidates, offsets)):
+            if len(cand) > 1:
+                cols2 = torch.arange(off, off + len(cand) - 1, device=logp.device)
+                scores[i][c] += float(logp[i, cols2, torch.tensor(cand[1:], device=logp.device)].sum())
+    return scores
+
+
+def _score_expanded(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+    """One row per (case, candidate): for attention kernels that take no 4D mask. Correct, but the prompt repeats."""
+    flat = [Case(case.prompt + c[:-1], [c]) for case in cases for c in case.candidates]
+    scores: list[float] = []
+    plen = max(len(r.prompt) for r in flat)
+    ids = torch.full((len(flat), plen), pad_id, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    att = torch.zeros_like(ids)
+    for i, r in enumerate(flat):
+        p0 = plen - len(r.prompt)
+        ids[i, p0:] = torch.tensor(r.prompt)
+        pos[i, p0:] = torch.arange(len(r.prompt))
+        att[i, p0:] = 1
+    keep = max(len(r.candidates[0]) for r in flat)
+    logp = torch.log_softmax(_logits_last(model, ids.to(device), pos.to(device), att.to(device), keep).float(), -1)
+    for i, r in enumerate(flat):
+        c = r.candidates[0]
+        cols = torch.arange(keep - len(c), keep, device=logp.device)
+        scores.append(float(logp[i, cols, torch.tensor(c, device=logp.device)].sum()))
+    out, k = [], 0
+    for case in cases:
+        out.append(scores[k:k + len(case.candidates)])
+        k += len(case.candidates)
+    return out
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first: at most `batch_size` rows and, with
+    `max_tokens`, at most that many padded tokens (so that short cases travel in larger batches)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is None or len(b) >= batch_size or (max_tokens and (len(b) + 1) * lengths[b[0]] > max_tokens):
+            batches.append([i])
+        else:
+            b.append(i)
+    return batches
+
+
+def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, progress: bool = True,
+                desc: str = "scoring", n_batches_min: int | None = None,
+                max_batch_tokens: int | None = None, strategy: str = "auto") -> list[list[float]]:
+    """Summed log-probability of every candidate of every case, in input order.
+
+    strategy: packed (one pass, 4D mask: sdpa, eager), cached (prompt pass without mask + candidate pass on its KV
+    cache: any attention kernel), expanded (one row per candidate: the slow reference); auto picks.
+
+    `n_batches_min` pads the loop with repeated batches (results dropped) so that every data-parallel rank runs the
+    same number of forward passes, which sharded models (ZeRO-3, FSDP) require.
+    """
+    from tqdm.auto import tqdm
+
+    if not cases:
+        return []
+    device = next(model.parameters()).device
+    if strategy == "auto":
+        # On GPUs the maskless prompt pass lets SDPA use its flash kernel: 15% more tokens/s than packed for the 8B
+        # Apertus on an H200 (benchmarks/eval_speed.py). On CPU the single packed pass is as fast and simpler.
+        packed_ok = _attn_impl(model) in MASK_4D_IMPLEMENTATIONS and device.type != "cuda"
+        strategy = "packed" if packed_ok else "cached"
+    fn = {"packed": _score_batch, "cached": _score_batch_cached, "expanded": _score_expanded}[strategy]
+    lengths = [len(c.prompt) + len(_block(c.candidates)[0]) for c in cases]
+    batches = length_batches(lengths, batch_size, max_batch_tokens)
+    extra = max(0, (n_batches_min or 0) - len(batches))
+    results: list[list[float] | None] = [None] * len(cases)
+    ctx = torch.no_grad() if _distributed() else torch.inference_mode()  # sharded engines modify params in place
+    with ctx:
+        for b in tqdm(batches + batches[-1:] * extra, desc=desc, unit="batch", disable=not progress, leave=False):
+            scores = fn(model, [cases[i] for i in b], pad_id, device)
+            for i, s in zip(b, scores):
+                results[i] = s
+    return results  # type: ignore[return-value]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def predict(scores: list[float], labels: list[str]) -> str:
+    """The label with the highest score (first on ties, deterministic)."""
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return labels[best]

@@ -1,0 +1,264 @@
+"""evaluate(): data -> prompts (built exactly as in training) -> scores or generations -> metrics -> files.
+
+    <out>/eval/<task>-<mode>/predictions.jsonl   one row per case: id, gold, prediction, correct, scores|output, groups
+    <out>/eval/<task>-<mode>/summary.json        metrics, breakdowns, baselines, settings, timing
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lexfine.errors import ConfigError, DataError
+from lexfine.eval import cache, dist
+from lexfine.eval.target import Target, resolve_target
+from lexfine.eval.tasks import Task, check_mode, get_task, load_cases
+from lexfine.rundir import atomic_write_json, now_iso, write_jsonl
+
+HEADLINE = ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "balanced_accuracy", "majority_baseline",
+            "chance_level", "parse_failures", "parse_failure_rate")
+
+
+def headline(summary: dict) -> dict:
+    return {k: summary.get(k) for k in HEADLINE}
+
+
+def candidate_ids(tokenizer, task: Task, eot: list[int]) -> tuple[list[list[int]], str]:
+    """Token ids scored for each label. LEXam letters that are single distinct tokens are compared at one position
+    (no end-of-turn); anything else (SJP words, multi-token labels) is scored as answer + end-of-turn, the exact
+    sequence a fine-tuned model is trained to produce (and the end-of-turn keeps "1" from beating "10")."""
+    from lexfine.data.masking import answer_ids
+
+    labels = task.labels
+    if task.kind == "lexam":
+        single = [list(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels]
+        if all(len(s) == 1 for s in single) and len({s[0] for s in single}) == len(single):
+            return single, "first_token"
+    return [answer_ids(tokenizer, lab, eot) for lab in labels], "sequence_with_eot"
+
+
+def _model_dtype(model) -> str:
+    return str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
+
+
+def _cache_payload(tgt: Target, task: Task, mode: str, info: dict, max_length: int, dtype: str,
+                   max_new_tokens: int | None, backend: str) -> dict:
+    d = tgt.data_args
+    return {"target": tgt.identity(), "task": task.name, "mode": mode, "fingerprint": info["fingerprint"],
+            "limit": info["limit"], "split": info["split"], "max_length": max_length, "dtype": dtype,
+            "prompt": {"template": d.prompt_template, "system": d.system_prompt, "truncation": d.truncation},
+            "max_new_tokens": max_new_tokens if mode == "generate" else None, "backend": backend}
+
+
+def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, out=None, limit: int | None = None,
+             batch_size: int = 8, max_length: int | None = None, split: str | None = None, *, base: str | None = None,
+             backend: str = "hf", max_new_tokens: int | None = None, seed: int = 0, use_cache: bool = True,
+             write: bool = True, model=None, tokenizer=None, data_args=None, progress: bool = True,
+             max_batch_tokens: int | None = None) -> dict:
+    """Evaluate `target` (run directory, model spec or Target) on `task`; returns the summary (+ summary_path).
+
+    model/tokenizer: an already loaded model (e.g. the one training just finished), or a zero-argument callable
+    returning (model, tokenizer), called only when the cache has no answer. Without either, the target is loaded.
+    """
+    t_task = get_task(task)
+    check_mode(mode)
+    if backend not in ("hf", "vllm"):
+        raise ConfigError(f"unknown backend {backend!r}; use hf or vllm")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    tgt = target if isinstance(target, Target) else resolve_target(str(target), base=base, data_args=data_args)
+    max_length = max_length or tgt.max_length
+    max_new = (max_new_tokens or t_task.max_new_tokens) if mode == "generate" else None
+    if data is None:  # the configured defaults (EvalArgs: bundled samples, which work offline)
+        ea = tgt.eval_args
+        data, split = (ea.sjp_data, split or ea.sjp_split) if t_task.kind == "sjp" else (ea.lexam_data, split)
+    cases, info = load_cases(t_task, mode, data, tgt.data_args, split, limit, seed)
+    if not cases:
+        raise DataError(f"no {task} cases to evaluate in {info['data']!r} (split {info['split']})")
+    info_dist = dist.setup()
+
+    import torch
+
+    given = model is not None and isinstance(model, torch.nn.Module)
+    key = payload = None
+    if tgt.kind == "model" and use_cache:
+        from lexfine.models import resolve_dtype
+
+        dtype = _model_dtype(model) if given else str(resolve_dtype(tgt.model_args)).replace("torch.", "")
+        payload = _cache_payload(tgt, t_task, mode, info, max_length, dtype, max_new, backend)
+        key = cache.make_key(payload)
+        hit = cache.lookup(key)
+        if hit is not None:
+            summary, rows = hit
+            summary.update(cached=True, cache_key=key, target=tgt.spec)
+            return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist)
+
+    if model is not None and not given:
+        model, tokenizer = model()
+    elif model is None:
+        from lexfine.eval.target import load
+
+        model, tokenizer = load(tgt, device=info_dist.device)
+    if tokenizer is None:
+        raise ConfigError("evaluate(model=...) needs the tokenizer too")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        rows, stats = _run(model, tokenizer, tgt, t_task, mode, cases, max_length, batch_size, max_new, backend,
+                           info_dist, progress, max_batch_tokens)
+    finally:
+        model.train(was_training)
+    if not info_dist.main:
+        return {}
+    summary = build_summary(t_task, mode, rows)
+    d = tgt.data_args
+    summary.update(stats)
+    summary["settings"] = {**{k: info[k] for k in ("data", "split", "limit", "seed", "fingerprint")},
+                           "max_length": max_length, "batch_size": batch_size,
+                           "max_batch_tokens": max_batch_tokens, "prompt_template": d.prompt_template,
+                           "system_prompt": d.system_prompt, "truncation": d.truncation, "max_new_tokens": max_new,
+                           "backend": backend, "dtype": _model_dtype(model), "device": str(device),
+                           "world_size": info_dist.world}
+    summary.update(target=tgt.spec, model=tgt.model, weights=tgt.weights, created=now_iso(), cached=False)
+    if key is not None:
+        summary["cache_key"] = key
+        cache.store(key, summary, rows, payload)
+    return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist)
+
+
+def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length: int, batch_size: int,
+         max_new: int | None, backend: str, info_dist, progress: bool,
+         max_batch_tokens: int | None = None) -> tuple[list[dict], dict]:
+    from tqdm.auto import tqdm
+
+    from lexfine.eval import generate as gen
+    from lexfine.eval.loglik import Case, predict, score_cases
+
+    plan = make_plan(tokenizer, task, mode, max_length, max_new)
+    eot, cands, labels = plan.eot, plan.candidates, task.labels
+    # Shard by character length (a proxy for tokens) so that each process tokenizes only its own cases.
+    mine = dist.shard([len(c.example.before) + len(c.example.facts) + len(c.example.after) for c in cases], info_dist)
+    show = progress and info_dist.main
+    prompts, truncated = {}, {}
+    for i in tqdm(mine, desc=f"{task.name} prompts", unit="case", disable=not show or len(mine) < 500, leave=False):
+        prompts[i], truncated[i] = build_prompt(tokenizer, cases[i].example, plan, tgt.data_args.truncation)
+    order = list(prompts)
+    # Each data-parallel process holds a full model copy, so processes need not run in lock-step (no batch padding).
+    t0 = time.perf_counter()
+    if mode == "loglik":
+        outs = score_cases(model, [Case(prompts[i], cands) for i in order], batch_size, _pad_id(tokenizer, eot),
+                           show, f"{task.name} loglik", max_batch_tokens=max_batch_tokens)
+    elif backend == "vllm":
+        outs = _vllm(tgt, tokenizer, [prompts[i] for i in order], max_new, gen.stop_ids(tokenizer, eot), max_length)
+    else:
+        outs = gen.generate_hf(model, tokenizer, [prompts[i] for i in order], max_new, batch_size,
+                               gen.stop_ids(tokenizer, eot), show, f"{task.name} generate",
+                               max_batch_tokens=max_batch_tokens)
+    seconds = time.perf_counter() - t0
+    local = {i: (o, len(prompts[i]), truncated[i]) for i, o in zip(order, outs)}
+    merged = dist.gather(local, info_dist)
+    rows = []
+    for i, case in enumerate(cases):
+        out, n_tokens, was_cut = merged[i]
+        row = {"id": case.id, "gold": case.gold}
+        if mode == "loglik":
+            pred = predict(out, labels)
+            extra = {"scores": {lab: round(s, 5) for lab, s in zip(labels, out)}}
+        else:
+            pred = gen.parse_sjp(out) if task.kind == "sjp" else gen.parse_hash_answer(out, labels)
+            extra = {"output": out, "parsed": pred is not None}
+        row.update(prediction=pred, correct=pred == case.gold, **extra, **case.groups,
+                   prompt_tokens=n_tokens, truncated=was_cut)
+        rows.append(row)
+    n_tok = sum(r["prompt_tokens"] for r in rows)
+    stats = {
+        "scoring": plan.scoring,
+        "candidates": {lab: c for lab, c in zip(labels, cands)} if cands else None,
+        "truncated": sum(r["truncated"] for r in rows),
+        "prompt_tokens_mean": n_tok / len(rows),
+        "prompt_tokens_max": max(r["prompt_tokens"] for r in rows),
+        "timing": {"seconds": round(seconds, 3), "examples_per_s": round(len(rows) / seconds, 3) if seconds else None,
+                   "prompt_tokens_per_s": round(n_tok / seconds, 1) if seconds else None},
+        "example_prompt": tokenizer.decode(prompts[order[-1]]) if order else None,
+    }
+    return rows, stats
+
+
+@dataclass
+class Plan:
+    eot: list[int]
+    candidates: list[list[int]] | None  # loglik: token ids per label
+    scoring: str
+    budget: int  # prompt tokens allowed: max_length minus the longest answer (or the new tokens)
+
+
+def make_plan(tokenizer, task: Task, mode: str, max_length: int, max_new: int | None = None) -> Plan:
+    from lexfine.data.masking import end_of_turn_ids
+
+    eot = end_of_turn_ids(tokenizer)  # also the one-line error for a tokenizer without a chat template
+    cands, scoring = candidate_ids(tokenizer, task, eot) if mode == "loglik" else (None, "generate")
+    reserve = max(len(c) for c in cands) if cands else (max_new or task.max_new_tokens)
+    if max_length - reserve <= 16:
+        raise ConfigError(f"max_length={max_length} leaves no room for a prompt after {reserve} answer tokens; raise it")
+    return Plan(eot, cands, scoring, max_length - reserve)
+
+
+def build_prompt(tokenizer, example, plan: Plan, truncation: str) -> tuple[list[int], bool]:
+    """The prompt ids exactly as training builds them (masking.fit_prompt: chat template, system prompt, facts cut
+    to fit), with room left for the longest candidate answer."""
+    from lexfine.data.masking import fit_prompt
+
+    ids, truncated, _ = fit_prompt(tokenizer, example, plan.budget, truncation)
+    return ids, truncated
+
+
+def _pad_id(tokenizer, eot: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+
+
+def _vllm(tgt: Target, tokenizer, prompts, max_new, eos_ids, max_length):
+    from lexfine.eval.generate import generate_vllm
+    from lexfine.models import resolve
+
+    if tgt.weights == "full":
+        return generate_vllm(str(tgt.run_dir.model_dir), tokenizer, prompts, max_new, eos_ids,
+                             max_model_len=max_length + max_new)
+    lora = str(tgt.run_dir.adapter_dir) if tgt.weights == "adapter" else None
+    rank = tgt.cfg.lora.r if tgt.cfg is not None else 16
+    return generate_vllm(resolve(tgt.model).source, tokenizer, prompts, max_new, eos_ids, lora_path=lora,
+                         max_model_len=max_length + max_new, lora_rank=rank)
+
+
+def build_summary(task: Task, mode: str, rows: list[dict]) -> dict:
+    from lexfine.eval import metrics
+
+    labels = task.labels
+    gold = [r["gold"] for r in rows]
+    pred = [r["prediction"] for r in rows]
+    failures = sum(p is None for p in pred)
+    parsed = [(g, p) for g, p in zip(gold, pred) if p is not None]
+    summary = {"task": task.name, "mode": mode, **metrics.classification_report(gold, pred, labels),
+               "chance_level": task.chance_level, "parse_failures": failures,
+               "parse_failure_rate": failures / len(rows),
+               "accuracy_parsed": (sum(g == p for g, p in parsed) / len(parsed)) if parsed else None}
+    for field in task.groups:
+        summary[f"by_{field}"] = metrics.breakdown(gold, pred, [r.get(field) for r in rows], labels)
+    return summary
+
+
+def _finish(summary: dict, rows: list[dict], tgt: Target, task: Task, mode: str, out, write: bool,
+            info_dist) -> dict:
+    if not info_dist.main:
+        return {}  # rank 0 writes and reports
+    if not write:
+        return summary
+    if out is None:
+        out = tgt.run_dir.path if tgt.kind == "run" else Path("evals") / tgt.safe_name
+    out_dir = Path(out) / "eval" / f"{task.name}-{mode}"
+    write_jsonl(out_dir / "predictions.jsonl", rows)
+    atomic_write_json(out_dir / "summary.json", summary)
+    if tgt.kind == "run" and Path(out).resolve() == tgt.run_dir.path.resolve():
+        tgt.run_dir.record_eval(task.name, mode, out_dir / "summary.json", headline(summary))
+    return {**summary, "summary_path": str(out_dir / "summary.json")}

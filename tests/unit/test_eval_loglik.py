@@ -1,0 +1,155 @@
+"""Candidate scoring: one forward pass per case equals the naive per-candidate full-sequence log-softmax."""
+
+import pytest
+import torch
+
+from lexfine.config import ModelArgs
+from lexfine.eval.loglik import Case, build_batch, predict, score_cases
+
+
+def tiny_arch() -> dict:
+    # The real Apertus code at 2 layers x width 64 (as tests/conftest.py's tiny_arch).
+    return {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152 + 64, "max_position_embeddings": 2048}
+
+
+def _tiny(attn="sdpa", dtype="float32"):
+    from lexfine import models
+
+    return models.load_model("random:apertus-8b",
+                             ModelArgs(arch_overrides=tiny_arch(), dtype=dtype, attn_implementation=attn)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+def naive(model, case: Case) -> list[float]:
+    """Each candidate appended to the prompt, the whole sequence through the model, log-softmax by hand."""
+    out = []
+    with torch.no_grad():
+        for cand in case.candidates:
+            ids = torch.tensor([case.prompt + cand])
+            logits = model(ids).logits[0].float()
+            logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+            out.append(sum(float(logp[len(case.prompt) - 1 + j, t]) for j, t in enumerate(cand)))
+    return out
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(5, 40000, (n,), generator=g).tolist()  # noqa: E731
+    multi = [rand(3), rand(5)]  # like "approval"+eot vs "dismissal"+eot: different lengths
+    return [Case(rand(7), multi), Case(rand(19), multi), Case(rand(2), multi), Case(rand(11), [rand(1), rand(4)])]
+
+
+def test_two_example_batch_equals_hand_computed_log_softmax(tiny):
+    cases = _cases()[:2]
+    got = score_cases(tiny, cases, batch_size=2, progress=False)
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(tiny, case), abs=1e-4)
+
+
+def test_batched_equals_one_by_one_and_keeps_input_order(tiny):
+    cases = _cases()
+    batched = score_cases(tiny, cases, batch_size=4, progress=False)
+    single = [score_cases(tiny, [c], batch_size=1, progress=False)[0] for c in cases]
+    for a, b, case in zip(batched, single, cases):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert a == pytest.approx(naive(tiny, case), abs=1e-4)
+
+
+def test_single_token_candidates_need_no_block(tiny):
+    letters = [[65], [66], [67], [68]]
+    cases = [Case(list(range(100, 100 + n)), letters) for n in (3, 9, 5)]
+    ids, pos, mask, width, _ = build_batch(cases, 0, "cpu")
+    assert width == 0 and mask.dim() == 2  # a plain padding mask: any attention kernel works
+    got = score_cases(tiny, cases, batch_size=3, progress=False)
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(tiny, case), abs=1e-4)
+
+
+def test_block_layout_and_mask():
+    cases = [Case([1, 2, 3], [[7, 8, 9], [5]]), Case([4], [[7, 8, 9], [5]])]
+    ids, pos, mask, width, s = build_batch(cases, 0, "cpu")
+    assert width == 2 and s == 2  # block = [7, 8] (a candidate's last token is never an input)
+    assert ids.tolist() == [[1, 2, 3, 7, 8], [0, 0, 4, 7, 8]]
+    assert pos.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    m = mask[1, 0].int().tolist()
+    assert m[2] == [0, 0, 1, 0, 0]  # prompt token does not see the left padding
+    assert m[4] == [0, 0, 1, 1, 1]  # candidate token sees the prompt and its own earlier token
+    assert m[0] == [1, 0, 0, 0, 0]  # padding attends to itself only
+
+
+def test_candidates_do_not_see_each_other(tiny):
+    # the same candidate scores the same whether or not other candidates share its block
+    base = Case(list(range(200, 212)), [[300, 301, 302]])
+    crowded = Case(base.prompt, [[400, 401, 402, 403], [300, 301, 302], [500, 501]])
+    a = score_cases(tiny, [base], progress=False)[0][0]
+    b = score_cases(tiny, [crowded], progress=False)[0][1]
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_eager_attention_gets_an_additive_mask():
+    model = _tiny(attn="eager")
+    cases = _cases()
+    got = score_cases(model, cases, batch_size=4, progress=False)
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(model, case), abs=1e-4)
+
+
+def test_expanded_fallback_equals_packed(tiny):
+    from lexfine.eval.loglik import _score_batch, _score_expanded
+
+    cases = _cases()
+    with torch.no_grad():
+        a = _score_batch(tiny, cases, 0, torch.device("cpu"))
+        b = _score_expanded(tiny, cases, 0, torch.device("cpu"))
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4)
+
+
+def test_bf16_batched_close_to_fp32():
+    model = _tiny(dtype="bfloat16")
+    ref = _tiny()
+    cases = _cases()
+    got = score_cases(model, cases, batch_size=4, progress=False)
+    single = [score_cases(model, [c], batch_size=1, progress=False)[0] for c in cases]
+    exact = score_cases(ref, cases, batch_size=4, progress=False)
+    for a, b, c in zip(got, single, exact):
+        assert a == pytest.approx(b, rel=2e-2, abs=0.1)  # bf16: batched vs one by one
+        assert a == pytest.approx(c, rel=2e-2, abs=0.3)
+
+
+def test_predict_picks_highest_first_on_ties():
+    assert predict([-3.0, -1.0, -2.0], ["A", "B", "C"]) == "B"
+    assert predict([-1.0, -1.0], ["dismissal", "approval"]) == "dismissal"
+
+
+def test_padding_the_loop_for_data_parallel_keeps_results(tiny):
+    cases = _cases()
+    a = score_cases(tiny, cases, batch_size=2, progress=False)
+    b = score_cases(tiny, cases, batch_size=2, progress=False, n_batches_min=5)
+    assert a == b
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", ["cached", "expanded"])
+def test_other_strategies_equal_naive(attn, strategy):
+    model = _tiny(attn=attn)
+    cases = _cases() + [Case(list(range(300, 309)), [[65], [66], [67], [68]])]
+    got = score_cases(model, cases[:4], batch_size=4, progress=False, strategy=strategy)
+    got += score_cases(model, cases[4:], batch_size=4, progress=False, strategy=strategy)
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(model, case), abs=1e-4)
+
+
+def test_token_budget_batches():
+    from lexfine.eval.loglik import length_batches
+
+    lengths = [100, 900, 50, 1000, 60, 70]
+    assert length_batches(lengths, 8) == [[3, 1, 0, 5, 4, 2]]
+    # at most 2000 padded tokens: the two long ones together, the short ones in a larger batch
+    assert length_batches(lengths, 8, max_tokens=2000) == [[3, 1], [0, 5, 4, 2]]
+    assert length_batches(lengths, 3, max_tokens=2000) == [[3, 1], [0, 5, 4], [2]]

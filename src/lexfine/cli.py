@@ -40,17 +40,33 @@ def _setup_logging() -> None:
 def train(
     config: Path = typer.Argument(..., help="Experiment YAML (e.g. configs/exp/sjp_lora_apertus8b.yaml)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 lora.r=64 ..."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Same as launch.num_processes=N."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "--accelerate-config",
+                                           help="Same as launch.strategy: none, ddp, zero2, zero3 or fsdp2."),
     launcher: str = typer.Option("accelerate", help="For launch.num_processes > 1: accelerate or torchrun."),
+    force: bool = typer.Option(False, "--force", help="Delete an existing run directory (even a completed one) first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the run directory and stop."),
 ) -> None:
-    """Train one run (LoRA or full). Re-running the same command resumes it; a completed run is skipped."""
+    """Train one run (LoRA or full). Re-running the same command resumes it; a completed run is skipped.
+    The last line printed is the run directory."""
+    import shutil
     import subprocess
 
     from lexfine.config import load_config
     from lexfine.train.launch import in_distributed_launch, local_command, shell
 
-    cfg = load_config(config, overrides or [])
+    extra = list(overrides or [])
+    if num_processes is not None:
+        extra.append(f"launch.num_processes={num_processes}")
+    if strategy is not None:
+        extra.append(f"launch.strategy={strategy}")
+    cfg = load_config(config, extra)
     rd_path = cfg.run_dir()
+    if launcher not in ("accelerate", "torchrun"):
+        fail(f"--launcher {launcher!r} is not accelerate or torchrun")
+    if force and rd_path.exists() and not dry_run and not in_distributed_launch():
+        typer.echo(f"--force: deleting {rd_path}", err=True)
+        shutil.rmtree(rd_path)
     if dry_run:
         typer.echo(cfg.to_yaml())
         typer.echo(rd_path)
@@ -142,10 +158,10 @@ def _register_plugins() -> None:
 _register_plugins()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
     try:
-        app()
+        app(args=argv)
     except LexfineError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(2)

@@ -22,10 +22,16 @@ def run_quickstart(out: Path, steps: int = 20, eval_limit: int = 60) -> Path:
     from lexfine.report import write_report
     from lexfine.train import run
 
+    import torch
+
     out = Path(out)
-    cfg = load_config(quickstart_config_path(), [
-        f"output_dir={out / 'runs'}", f"train.max_steps={steps}", f"eval_options.limit={eval_limit}",
-    ])
+    overrides = [f"output_dir={out / 'runs'}", f"train.max_steps={steps}", f"eval_options.limit={eval_limit}"]
+    if torch.cuda.is_available():
+        # A GPU affords all bundled cases at a realistic context length, in about the time a CPU needs for a sample.
+        overrides += ["data.limit=800", f"train.max_steps={max(steps, 200)}", "train.max_length=2048",
+                      f"eval_options.limit={max(eval_limit, 300)}", "eval_options.max_length=2048",
+                      "eval_options.batch_size=16"]
+    cfg = load_config(quickstart_config_path(), overrides)
     print(f"lexfine quickstart: LoRA r={cfg.lora.r} on {cfg.model}, {steps} steps of {cfg.train.batch_size} "
           f"bundled SJP cases (max {cfg.train.max_length} tokens); evaluation on {eval_limit} cases per task")
     rd = run(cfg)

@@ -45,5 +45,14 @@ def run_quickstart(out: Path, steps: int = 20, eval_limit: int = 60) -> Path:
     sjp = evals.get("sjp-loglik") or {}
     if sjp.get("majority_baseline") is not None:
         print(f"{'SJP majority-class accuracy':32} {sjp['majority_baseline']:>17.3f}")
+    summary_path = rd.eval_dir("sjp", "loglik") / "summary.json"
+    if summary_path.exists():
+        import json
+
+        counts = {k: v for k, v in (json.loads(summary_path.read_text()).get("prediction_counts") or {}).items() if v}
+        if len(counts) == 1:
+            print(f"note: the model predicts {next(iter(counts))!r} for every case (the majority class): a 135M model "
+                  "trained on a few short-context cases learns the answer format, not the task. Accuracy alone would "
+                  "hide this; macro-F1 shows it. For real runs see configs/exp/.")
     print(f"\nrun directory: {rd.path}")
     return write_report([rd.path], out / "report")

@@ -18,6 +18,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lexfine import __version__
+
+        typer.echo(f"lexfine {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Fine-tune LLMs on a domain task and measure what it costs in general knowledge."""
+
+
 config_app = typer.Typer(help="Inspect configuration keys and resolved configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

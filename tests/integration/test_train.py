@@ -126,3 +126,10 @@ def test_failed_evaluation_leaves_the_run_completed(tiny_config, monkeypatch):
         run(cfg)
     m = RunDir(cfg.run_dir()).manifest()
     assert m["status"] == "completed" and "scoring exploded" in m["eval_error"]
+
+
+def test_fused_activation_keeps_the_loss_trajectory(tiny_config, tmp_path):
+    """The fused xIELU is on by default; switching it off must not change what is learned."""
+    on = run(validate(tiny_config(output_dir=str(tmp_path / "on"), train__fused_activation=True)))
+    off = run(validate(tiny_config(output_dir=str(tmp_path / "off"), train__fused_activation=False)))
+    assert losses(on) == pytest.approx(losses(off), rel=1e-4)

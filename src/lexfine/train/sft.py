@@ -32,7 +32,7 @@ def run(cfg: RunConfig) -> RunDir:
     """Train (or resume, or skip) the run that `cfg` describes; returns its run directory."""
     rd = RunDir(cfg.run_dir())
     if rd.status == "completed":
-        log.warning("run %s is already completed: %s (delete it to train again)", cfg.run_id(), rd.path)
+        log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
     main = is_main_process()
     if main:

@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except LexfineError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        from lexfine.rundir import redact
+
+        typer.secho(f"error: {redact(str(e))}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

@@ -52,3 +52,15 @@ def test_unknown_model(base, capsys):
 
 def test_unknown_key(base, capsys):
     assert "train.lrr" in _fails(["train", str(base), "train.lrr=1"], capsys)
+
+
+def test_secrets_never_reach_run_files_or_errors(base, tmp_path, capsys, monkeypatch):
+    secret = "hf_SuperSecretToken42"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    msg = _fails(["train", str(base), f"data.train=/nope/{secret}.jsonl"], capsys)
+    assert secret not in msg and "<HF_TOKEN>" in msg
+    # config.yaml is the user's own config, verbatim (it must reproduce the run); what lexfine writes is redacted
+    manifests = list((tmp_path / "runs").rglob("manifest.json"))
+    assert manifests
+    for f in manifests:
+        assert secret not in f.read_text() and "<HF_TOKEN>" in f.read_text()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -103,10 +102,10 @@ def train(
             raise typer.Exit(code)
         typer.echo(rd.path)
         return
-    if cfg.launch.num_processes == 1 and not in_distributed_launch() and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        # One process on a multi-GPU node: the Trainer would wrap the model in nn.DataParallel, which TRL refuses.
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     from lexfine.train import run
+    from lexfine.train.launch import pin_single_process
+
+    pin_single_process(cfg.launch.num_processes)
 
     rd = run(cfg)
     typer.echo(rd.path)

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         from lexfine.train import run
+        from lexfine.train.launch import pin_single_process
+
+        pin_single_process(cfg.launch.num_processes)
 
         rd = run(cfg)
     except LexfineError as e:

@@ -26,6 +26,13 @@ def in_distributed_launch() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
+def pin_single_process(num_processes: int) -> None:
+    """One process on a multi-GPU node: the Trainer would wrap the model in nn.DataParallel, which TRL refuses.
+    Called by the entry points (never by library code) before CUDA is initialised."""
+    if num_processes == 1 and not in_distributed_launch() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+
+
 def local_command(config_path: str | Path, num_processes: int, launcher: str = "accelerate") -> list[str]:
     """The command that trains a resolved config on this machine with `num_processes` processes."""
     cfg = str(config_path)

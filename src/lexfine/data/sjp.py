@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 from lexfine.config import DataArgs
 from lexfine.data.example import Example
@@ -65,10 +66,37 @@ def normalize_row(row: dict, index: int) -> dict:
     }
 
 
+# The hub repository is a loading script (which datasets >= 4 no longer runs) beside its data files: read the files.
+HUB_FILES = {"train": "train.jsonl.xz", "validation": "val.jsonl.xz", "test": "test.jsonl.xz"}
+
+
+def read_hub_files(split: str = "all", hub_config: str | None = None) -> list[dict]:
+    from huggingface_hub import hf_hub_download
+
+    from lexfine.data.sources import read_local_file
+
+    if hub_config not in (None, "all", "de", "fr", "it"):
+        raise DataError(f"unknown SJP hub config {hub_config!r}; use de, fr, it or all")
+    rows: list[dict] = []
+    for name in ([split] if split != "all" else list(HUB_FILES)):
+        try:
+            path = hf_hub_download(HUB_ID, HUB_FILES[name], repo_type="dataset")
+        except Exception as e:  # offline, no access: the message says which
+            raise DataError(f"cannot download {HUB_ID}/{HUB_FILES[name]}: {str(e).splitlines()[0]} "
+                            "(offline? give a local copy with data.train=<path>)") from None
+        rows.extend(read_local_file(Path(path)))
+    if hub_config in ("de", "fr", "it"):
+        rows = [r for r in rows if r.get("language") == hub_config]
+    return rows
+
+
 def load_rows(source: str, split: str = "all", hub_config: str | None = None, languages=None, years=None,
               legal_areas=None, limit: int | None = None, seed: int = 0) -> list[dict]:
     is_hub = not source.startswith("bundled:") and source.count("/") == 1 and not source.startswith((".", "/"))
-    raw = read_rows(source, split=split if is_hub else None, hub_config=hub_config or ("all" if source == HUB_ID else None))
+    if source == HUB_ID:
+        raw = read_hub_files(split, hub_config)
+    else:
+        raw = read_rows(source, split=split if is_hub else None, hub_config=hub_config)
     rows = [normalize_row(r, i) for i, r in enumerate(raw)]
     if years:
         keep_years = set(years)

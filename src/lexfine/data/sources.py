@@ -9,7 +9,7 @@ from pathlib import Path
 from lexfine.errors import DataError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
-LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl.xz")
 
 
 def bundled_names() -> list[str]:
@@ -31,8 +31,10 @@ def read_local_file(path: Path) -> list[dict]:
     try:
         if suffix == ".parquet":
             df = pd.read_parquet(path)
-        elif suffix in (".jsonl", ".jsonl.gz"):
-            opener = gzip.open if suffix.endswith(".gz") else open
+        elif suffix in (".jsonl", ".jsonl.gz", ".jsonl.xz"):
+            import lzma
+
+            opener = gzip.open if suffix.endswith(".gz") else lzma.open if suffix.endswith(".xz") else open
             with opener(path, "rt", encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
         elif suffix in (".json", ".json.gz"):

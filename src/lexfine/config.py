@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lexfine.errors import ConfigError
 
@@ -113,7 +113,8 @@ class TrainArgs(Section):
     group_by_length: bool = True
     """Batch sequences of similar length together: far less padding (SJP cases range from 0.2k to 10k tokens)."""
     padding_free: bool = False
-    """Concatenate the batch into one sequence without padding (needs a varlen attention kernel)."""
+    """Concatenate the batch into one sequence without padding. Needs model_args.attn_implementation=flash_attention_2
+    (or _3): with sdpa/eager, packed sequences would attend to each other, so lexfine refuses the combination."""
     fused_activation: bool = True
     """Compile Apertus's xIELU activation into one fused kernel (forward and backward; CUDA: Triton via inductor)."""
     liger: bool = False
@@ -204,6 +205,18 @@ class RunConfig(Section):
         if bad:
             raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(sorted(known))}")
         return v
+
+    @model_validator(mode="after")
+    def _packing_needs_varlen_attention(self):
+        # With sdpa/eager/flex, transformers ignores the cu_seq_lens of a padding-free batch: packed sequences would
+        # attend to each other (tests/unit/test_packing.py shows it). Only flash-attention kernels honour them.
+        if self.train.padding_free and "flash" not in self.model_args.attn_implementation:
+            raise ValueError(
+                f"train.padding_free needs a varlen attention kernel (model_args.attn_implementation="
+                f"flash_attention_2 or flash_attention_3); with {self.model_args.attn_implementation!r} packed "
+                "sequences would attend to each other. Use train.group_by_length instead"
+            )
+        return self
 
     def run_hash(self) -> str:
         exclude = dict(ID_EXCLUDE)
@@ -321,7 +334,7 @@ def format_validation_error(e: ValidationError) -> str:
             parts.append(f"unknown config key {key!r}; allowed here: {', '.join(allowed)}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"bad value for {key!r}: {err.get('input')!r} ({msg})")
+            parts.append(msg if not loc else f"bad value for {key!r}: {err.get('input')!r} ({msg})")
     return "config error: " + "; ".join(parts)
 
 

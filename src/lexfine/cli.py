@@ -127,7 +127,7 @@ def export(
 def quickstart(
     out: Path = typer.Option(Path("quickstart"), help="Folder for the run, its evaluations and the report."),
     steps: int = typer.Option(20, help="Training steps (4 cases each)."),
-    eval_limit: int = typer.Option(60, help="Cases per evaluation (SJP and LEXam), before and after."),
+    eval_limit: int = typer.Option(40, help="Cases per evaluation (SJP and LEXam), before and after."),
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M with LoRA on bundled SJP cases (CPU, a few minutes), evaluate SJP and
     LEXam MCQ-4 before and after, and write a report."""

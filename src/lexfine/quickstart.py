@@ -18,7 +18,7 @@ def _headline(summary: dict | None, metric: str) -> str:
     return f"{summary[metric]:.3f}"
 
 
-def run_quickstart(out: Path, steps: int = 20, eval_limit: int = 60) -> Path:
+def run_quickstart(out: Path, steps: int = 20, eval_limit: int = 40) -> Path:
     from lexfine.report import write_report
     from lexfine.train import run
 

@@ -30,3 +30,20 @@ def test_reloaded_model_scores_like_the_trained_one(tiny_config, tmp_path, metho
     # and training moved the model: the base model's scores differ
     base = rd.manifest()["base_evals"]["sjp-loglik"]
     assert base is not None
+
+
+def test_eval_of_a_run_directory_records_the_base_model(tiny_config, capsys):
+    """Sweeps evaluate in separate jobs: `lexfine eval RUN` must record base_evals like training does, or the
+    report cannot measure knowledge retention."""
+    from lexfine.cli import main
+
+    rd = run(validate(tiny_config()))
+    assert "base_evals" not in rd.manifest()
+    try:
+        main(["eval", str(rd.path), "--task", "sjp", "--limit", "4", "--max-length", "256", "-q"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    m = rd.manifest()
+    assert m["evals"]["sjp-loglik"]["accuracy"] is not None
+    assert m["base_evals"]["sjp-loglik"]["n"] == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("eval/sjp-loglik/summary.json")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from lexfine.errors import LexfineError
+from lexfine.rundir import RunDir
 
 
 def eval_command(
@@ -40,6 +41,9 @@ def eval_command(
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Model targets: system message "
                                                 "('none' for none; a run uses its own)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
+    with_base: bool = typer.Option(True, "--with-base/--no-base", help="Run directories evaluated in place: also "
+                                   "score the base model (cached) and record it under base_evals, which the "
+                                   "report needs to measure knowledge retention."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute a model's scores even when cached."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -52,7 +56,7 @@ def eval_command(
 
 
 def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, split, max_length, base, backend, max_new_tokens,
-         prompt_template, system_prompt, seed, no_cache, quiet) -> None:
+         prompt_template, system_prompt, seed, with_base, no_cache, quiet) -> None:
     from lexfine.config import DataArgs
     from lexfine.eval.runner import evaluate
     from lexfine.eval.tasks import check_mode, get_task
@@ -82,8 +86,32 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, spl
             continue
         typer.echo(_line(summary), err=True)
         paths.append(summary["summary_path"])
+        if with_base and out is None and RunDir.is_run_dir(target):
+            _record_base(target, name, mode, base, dict(
+                data=data, limit=limit, batch_size=batch_size, max_length=max_length, split=split, backend=backend,
+                max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
+                progress=not quiet, max_batch_tokens=max_batch_tokens))
     for p in paths:
         typer.echo(p)
+
+
+def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) -> None:
+    """The base model's scores on the same cases and prompts, cached by (model, task, mode, data, settings) so a
+    sweep computes them once: what `lexfine train ... eval=[...]` records after training, for separate eval jobs."""
+    from lexfine.eval.runner import evaluate, headline
+    from lexfine.eval.target import resolve_target
+
+    tgt = resolve_target(str(run_dir), base=base)
+    summary = evaluate(tgt.base(), task, mode, write=False, **{**kwargs, "max_length": kwargs["max_length"]
+                                                                 or tgt.max_length})
+    if not summary:
+        return
+    rd = RunDir(run_dir)
+    known = rd.manifest().get("base_evals", {})
+    known[f"{task}-{mode}"] = {**headline(summary), "cache_key": summary.get("cache_key"),
+                               "cached": summary.get("cached")}
+    rd.update_manifest(base_evals=known)
+    typer.echo("base model: " + _line(summary), err=True)
 
 
 def _user_error(msg: str) -> LexfineError:

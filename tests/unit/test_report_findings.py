@@ -138,6 +138,17 @@ def test_recommendation_respects_the_lexam_drop(tmp_path):
     assert none_ok["recommended"]["criterion"] == "task_metric_within_lexam_drop"
 
 
+def test_a_base_model_scoring_zero_still_counts_as_a_base_score(tmp_path):
+    """A tiny base model can score 0.0 on LEXam: that is a measurement, not a missing value."""
+    base = {"lexam_mcq4-loglik": {"accuracy": 0.0}}
+    write_run(tmp_path, name="up", rank=8, lr=1e-3, losses=loss_curve(0.6), evals=_eval(0.8, 0.85, 0.25),
+              base_evals=base)
+    f = _findings(tmp_path)
+    assert f["retention"]["lexam_key"] == "lexam_mcq4-loglik" and f["retention"]["lexam_base_accuracy"] == 0.0
+    assert f["recommended"]["criterion"] == "task_metric_within_lexam_drop"
+    assert f["recommended"]["lexam_drop_points"] == pytest.approx(-25.0)
+
+
 def test_recommendation_without_evals_is_lowest_loss(tmp_path):
     _grid(tmp_path, {8: {1e-4: 0.8, 1e-3: 0.7}}, {1e-5: 0.65})
     rec = _findings(tmp_path)["recommended"]

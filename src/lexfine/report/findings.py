@@ -84,7 +84,8 @@ def _pick_key(runs: list[Run], keys: tuple[str, ...], base: dict | None = None) 
     """The first eval key that some run has (and, for LEXam, the base model too)."""
     extra = sorted({k for r in runs for k in r.evals if k.split("-")[0] == keys[0].split("-")[0]})
     for key in list(keys) + extra:
-        if any("accuracy" in r.evals.get(key, {}) for r in runs) and (base is None or _base_acc(base, runs, key)):
+        has_base = base is None or _base_acc(base, runs, key) is not None  # a base score of 0.0 is a score
+        if any("accuracy" in r.evals.get(key, {}) for r in runs) and has_base:
             return key
     return None
 

@@ -84,6 +84,7 @@ def test_preempted_run_resumes_to_the_same_trajectory(tiny_config, monkeypatch, 
     assert rd.status == "completed" and rd.manifest()["resumed_from"] == "checkpoint-3"
     assert [r["step"] for r in rd.metrics()] == [1, 2, 3, 4]
     assert losses(rd) == pytest.approx(losses(reference), rel=1e-4)
+    assert [r["num_tokens"] for r in rd.metrics()] == [r["num_tokens"] for r in reference.metrics()]
 
 
 def test_failure_marks_run_failed(tiny_config):

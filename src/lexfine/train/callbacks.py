@@ -17,10 +17,11 @@ class MetricsCallback(TrainerCallback):
     two logs, so it covers data loading, forward, backward and the optimizer step.
     """
 
-    def __init__(self, run_dir: RunDir, elapsed_offset: float = 0.0, tokens_offset: int = 0):
+    def __init__(self, run_dir: RunDir, elapsed_offset: float = 0.0, resumed_tokens: int = 0):
         self.run_dir = run_dir
         self.elapsed_offset = elapsed_offset
-        self.tokens_offset = tokens_offset
+        self.resumed_tokens = resumed_tokens  # tokens seen before the checkpoint this process resumed from
+        self.tokens_offset = 0
         self.start = None
         self.last_time = None
         self.last_tokens = None
@@ -34,12 +35,15 @@ class MetricsCallback(TrainerCallback):
             return
         now = time.perf_counter()
         tokens = logs.get("num_tokens")
+        if tokens is not None and self.rows == 0 and self.resumed_tokens and tokens < self.resumed_tokens:
+            # TRL's token counter is not in its checkpoints: it restarts at 0 on resume, so continue the count.
+            self.tokens_offset = self.resumed_tokens
         tokens = int(tokens) + self.tokens_offset if tokens is not None else None
         rate = None
         if tokens is not None and self.last_tokens is not None and now > self.last_time:
             rate = (tokens - self.last_tokens) / (now - self.last_time)
         elif tokens is not None and self.rows == 0 and now > self.start:
-            rate = (tokens - self.tokens_offset) / (now - self.start)
+            rate = (tokens - max(self.tokens_offset, self.resumed_tokens)) / (now - self.start)
         loss = float(logs["loss"])
         row = {
             "step": state.global_step,

@@ -199,7 +199,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         peft_config = lora_config(cfg)
 
     ckpt, elapsed0, tokens0 = _resume_state(rd, main)
-    metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, tokens_offset=0)
+    metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[metrics_cb, preempt_cb])

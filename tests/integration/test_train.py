@@ -134,3 +134,14 @@ def test_fused_activation_keeps_the_loss_trajectory(tiny_config, tmp_path):
     on = run(validate(tiny_config(output_dir=str(tmp_path / "on"), train__fused_activation=True)))
     off = run(validate(tiny_config(output_dir=str(tmp_path / "off"), train__fused_activation=False)))
     assert losses(on) == pytest.approx(losses(off), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_checkpointing_trains_the_same(tiny_config, tmp_path, method):
+    """The default GPU path recomputes activations; it must learn exactly what the stored-activation path learns
+    (with LoRA the inputs need requires_grad for checkpointed blocks to back-propagate at all)."""
+    over = dict(method=method, train__lr=1e-3 if method == "lora" else 1e-4, train__max_steps=3)
+    on = run(validate(tiny_config(output_dir=str(tmp_path / "on"), train__gradient_checkpointing=True, **over)))
+    off = run(validate(tiny_config(output_dir=str(tmp_path / "off"), train__gradient_checkpointing=False, **over)))
+    assert on.manifest()["status"] == "completed"
+    assert losses(on) == pytest.approx(losses(off), rel=1e-4)

@@ -40,11 +40,6 @@ app.add_typer(config_app, name="config")
 PLUGINS = ("lexfine.eval.cli", "lexfine.sweep.cli", "lexfine.report.cli")
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def _setup_logging() -> None:
     import logging
 
@@ -77,8 +72,6 @@ def train(
         extra.append(f"launch.strategy={strategy}")
     cfg = load_config(config, extra)
     rd_path = cfg.run_dir()
-    if launcher not in ("accelerate", "torchrun"):
-        fail(f"--launcher {launcher!r} is not accelerate or torchrun")
     if force and rd_path.exists() and not dry_run and not in_distributed_launch():
         typer.echo(f"--force: deleting {rd_path}", err=True)
         shutil.rmtree(rd_path)
@@ -88,14 +81,11 @@ def train(
         return
     _setup_logging()
     if cfg.launch.num_processes > 1 and not in_distributed_launch():
-        if cfg.launch.num_machines > 1:
-            fail("launch.num_machines > 1 needs one launcher per node: use `lexfine sweep submit` (SLURM) "
-                 "or run the printed per-node command yourself")
         from lexfine.rundir import RunDir
 
         rd = RunDir(rd_path)
-        rd.create(cfg.to_yaml(), cfg.run_id())
-        cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher)
+        cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines)
+        rd.create(cfg.to_yaml(), cfg.run_id())  # after the command is known to be valid
         typer.echo(f"launching: {shell(cmd)}", err=True)
         code = subprocess.call(cmd)
         if code:

@@ -58,3 +58,14 @@ def test_zero_without_deepspeed_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match="lexfine\\[deepspeed\\]"):
         training_fields("zero3", True)
+
+
+def test_local_launch_refuses_several_nodes_and_unknown_launchers():
+    import pytest
+
+    from lexfine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lexfine sweep submit"):
+        local_command("/x/c.yaml", 8, num_machines=2)
+    with pytest.raises(ConfigError, match="'mpirun'"):
+        local_command("/x/c.yaml", 2, launcher="mpirun")

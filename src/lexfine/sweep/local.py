@@ -112,14 +112,9 @@ def train_command(sweep: Sweep, run: PlannedRun, launcher: str = "accelerate") -
     cfg = config_path(sweep, run)
     n = run.config.launch.num_processes
     if n > 1:
-        if run.config.launch.num_machines > 1:
-            from lexfine.errors import ConfigError
-
-            raise ConfigError(f"run {run.name} wants launch.num_machines={run.config.launch.num_machines}: "
-                              "several nodes need `lexfine sweep submit` (SLURM)")
         from lexfine.train.launch import local_command
 
-        return [*local_command(cfg, n, launcher), NO_EVAL]
+        return [*local_command(cfg, n, launcher, run.config.launch.num_machines), NO_EVAL]
     return [sys.executable, "-m", "lexfine.train", str(cfg), NO_EVAL]
 
 

@@ -33,8 +33,16 @@ def pin_single_process(num_processes: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
 
-def local_command(config_path: str | Path, num_processes: int, launcher: str = "accelerate") -> list[str]:
+def local_command(config_path: str | Path, num_processes: int, launcher: str = "accelerate",
+                  num_machines: int = 1) -> list[str]:
     """The command that trains a resolved config on this machine with `num_processes` processes."""
+    from lexfine.errors import ConfigError
+
+    if num_machines > 1:
+        raise ConfigError(f"launch.num_machines={num_machines} needs one launcher per node: submit it with "
+                          "`lexfine sweep submit SWEEP --slurm-profile P` (SLURM)")
+    if launcher not in ("accelerate", "torchrun"):
+        raise ConfigError(f"launcher {launcher!r} is not accelerate or torchrun")
     cfg = str(config_path)
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",

@@ -5,7 +5,9 @@
 
 Sequence lengths are drawn from the real French SJP train-year cases as lexfine tokenizes them (SmolLM2 tokenizer,
 sjp_default prompt, max 4096: benchmarks/sjp_fr_train_lengths.json; median 1461, p90 2998 tokens). Token ids are
-random: speed does not depend on them. Tokens/s counts real (non-pad) tokens only.
+random: speed does not depend on them. Tokens/s counts real (non-pad) tokens only, over the measured steps; the
+warm-up steps start with one batch at max length (memory peak, compilation of the largest shapes). Every row with
+the same batch size sees the same batches (see batch_lengths).
 
 MFU = achieved FLOP/s / peak bf16 dense FLOP/s (H100 SXM: 989e12; H200: 989e12), with FLOPs per real token
     LoRA: 4N + 12 L d s     full: 6N + 12 L d s
@@ -27,18 +29,24 @@ import torch
 HERE = Path(__file__).parent
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12}
 
-# Each row changes one thing from the row before it (levers measured one at a time).
+# Each row changes one thing from the row before it (levers measured one at a time), up to the shipped setup.
+OFF = {"train.compile_layers": False}
 ROWS = [
     ("reference (study: batch 4, pad longest, ckpt, loss on all)",
-     {"train.group_by_length": False, "train.fused_activation": False, "data.loss_on": "all"}),
-    ("+ length-grouped batches", {"train.group_by_length": True, "train.fused_activation": False, "data.loss_on": "all"}),
-    ("+ fused xIELU", {"train.group_by_length": True, "data.loss_on": "all"}),
-    ("+ loss on answer only (lexfine default)", {"train.group_by_length": True}),
-    ("+ no activation checkpointing", {"train.group_by_length": True, "train.gradient_checkpointing": False}),
-    ("+ no ckpt, batch 8", {"train.group_by_length": True, "train.gradient_checkpointing": False,
-                            "train.batch_size": 8}),
-    ("lexfine default, batch 8", {"train.group_by_length": True, "train.batch_size": 8}),
-    ("lexfine default, batch 16", {"train.group_by_length": True, "train.batch_size": 16}),
+     {**OFF, "train.group_by_length": False, "train.fused_activation": False, "data.loss_on": "all"}),
+    ("+ length-grouped batches", {**OFF, "train.fused_activation": False, "data.loss_on": "all"}),
+    ("+ fused xIELU", {**OFF, "data.loss_on": "all"}),
+    ("+ loss on the answer only", {**OFF}),
+    ("+ compiled decoder layers (lexfine default on a GPU)", {"train.compile_layers": True}),
+    ("+ ckpt on 9/16 of the layers (shipped 8B LoRA config)", {"train.compile_layers": True,
+                                                                "train.checkpoint_fraction": 0.5625}),
+    ("+ ckpt on 1/2 of the layers", {"train.compile_layers": True, "train.checkpoint_fraction": 0.5}),
+    ("ckpt on 1/2 of the layers, not compiled", {**OFF, "train.checkpoint_fraction": 0.5}),
+    ("compiled, no activation checkpointing", {"train.compile_layers": True, "train.gradient_checkpointing": False}),
+    ("compiled, ckpt 3/4 of the layers, batch 8", {"train.compile_layers": True, "train.checkpoint_fraction": 0.75,
+                                                   "train.batch_size": 8}),
+    ("compiled, all layers ckpt, batch 8", {"train.compile_layers": True, "train.batch_size": 8}),
+    ("not compiled, all layers ckpt, batch 8", {**OFF, "train.batch_size": 8}),
 ]
 
 
@@ -51,14 +59,31 @@ def minimal_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def synthetic_dataset(n: int, max_length: int, vocab: int, loss_on: str, seed: int = 0):
-    from datasets import Dataset
+def batch_lengths(steps: int, batch: int, max_length: int, grouped: bool, seed: int = 0) -> list[list[int]]:
+    """Per-step sequence lengths, identical for every row with the same batch size and grouping.
 
+    The first batch is the worst case (every sequence at max_length: the memory peak, and compiled kernels see the
+    largest shapes early). The rest are drawn from the real SJP length distribution: grouped rows sort the draws and
+    cut them into batches (what length grouping does within a mega-batch), then shuffle the batch order, so a short
+    measured window still covers the whole distribution; ungrouped rows batch the draws as they come."""
     lengths = json.loads((HERE / "sjp_fr_train_lengths.json").read_text())["lengths"]
     rng = random.Random(seed)
+    draws = [min(rng.choice(lengths), max_length) for _ in range((steps - 1) * batch)]
+    if grouped:
+        draws.sort()
+    batches = [draws[i:i + batch] for i in range(0, len(draws), batch)]
+    if grouped:
+        rng.shuffle(batches)
+    return [[max_length] * batch] + batches
+
+
+def synthetic_dataset(batches: list[list[int]], vocab: int, loss_on: str, seed: int = 0):
+    """Random token ids in exactly the given batch order (the trainer reads it sequentially)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
     ids, labels = [], []
-    for _ in range(n):
-        length = min(rng.choice(lengths), max_length)
+    for length in (n for b in batches for n in b):
         seq = [rng.randrange(10, vocab) for _ in range(length)]
         ids.append(seq)
         labels.append(list(seq) if loss_on == "all" else [-100] * (length - 4) + seq[-4:])
@@ -70,6 +95,7 @@ def decoder_params(model) -> int:
 
 
 def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: int, vocab_limit: int | None):
+    from torch.utils.data import SequentialSampler
     from trl import SFTTrainer
     from transformers import TrainerCallback
 
@@ -77,7 +103,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     from lexfine.config import build_config
     from lexfine.kernels.xielu import patch_xielu
     from lexfine.rundir import RunDir
-    from lexfine.train.sft import build_args, lora_config
+    from lexfine.train.sft import build_args, lora_config, speed_levers
 
     cfg = build_config({}, base + [f"{k}={v}" for k, v in overrides.items()])
     cfg.train.max_steps = warmup + steps
@@ -85,8 +111,9 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     arch = models.architecture_config(spec, cfg.model_args)
     vocab = min(arch.vocab_size, vocab_limit or arch.vocab_size)
     tok = minimal_tokenizer(vocab)
-    data = synthetic_dataset((warmup + steps) * cfg.train.batch_size * 4, cfg.train.max_length, vocab,
-                             cfg.data.loss_on, seed=cfg.train.seed)
+    batches = batch_lengths(warmup + steps, cfg.train.batch_size, cfg.train.max_length, cfg.train.group_by_length,
+                            seed=cfg.train.seed)
+    data = synthetic_dataset(batches, vocab, cfg.data.loss_on, seed=cfg.train.seed)
     cuda = torch.cuda.is_available()
     torch.cuda.empty_cache() if cuda else None
     torch.cuda.reset_peak_memory_stats() if cuda else None
@@ -94,6 +121,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
                               device="cuda" if cuda else None)
     if cfg.train.fused_activation:
         patch_xielu(model, backend="inductor" if cuda else "aot_eager")
+    callbacks, _ = speed_levers(cfg, model)
     n_dec, layers, hidden = decoder_params(model), arch.num_hidden_layers, arch.hidden_size
     args = build_args(cfg, RunDir(Path("/tmp/lexfine-bench") / label.replace(" ", "_")[:40]))
     args.save_strategy = "no"
@@ -107,8 +135,12 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
                     torch.cuda.synchronize()
                 marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         peft_config=lora_config(cfg) if cfg.method == "lora" else None, callbacks=[Clock()])
+    class InOrder(SFTTrainer):  # the batch order is built above (length grouping included): read it as is
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=lora_config(cfg) if cfg.method == "lora" else None, callbacks=[Clock(), *callbacks])
     err = None
     try:
         trainer.train()
@@ -116,18 +148,20 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
         err = "OOM"
         print(f"{label}: out of memory ({str(e).splitlines()[0][:120]})")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    row = {"setup": label, "batch": cfg.train.batch_size, "ckpt": cfg.train.gradient_checkpointing,
+    ckpt = cfg.train.checkpoint_fraction if cfg.train.gradient_checkpointing else 0
+    row = {"setup": label, "batch": cfg.train.batch_size, "ckpt": ckpt, "compiled": cfg.train.compile_layers,
            "peak_gib": round(peak, 1), "error": err}
     if not err:
         w = [m for m in marks if m[0] >= warmup]
         (s0, t0, k0), (s1, t1, k1) = w[0], w[-1]
         tokens_per_s = (k1 - k0) / (t1 - t0)
         # attention FLOPs: per token 12*L*d*s, with s the mean sequence length weighted by tokens
-        lengths = [len(x) for x in data["input_ids"]]
+        lengths = [n for b in batches[warmup:] for n in b]  # the measured steps' sequences
         s_mean = sum(x * x for x in lengths) / sum(lengths)
         per_token = (4 if cfg.method == "lora" else 6) * n_dec + 12 * layers * hidden * s_mean
         name = torch.cuda.get_device_name(0) if cuda else "cpu"
         peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        row.update(step_times=[round(b[1] - a[1], 3) for a, b in zip(marks, marks[1:])])
         row.update(tokens_per_s=round(tokens_per_s, 1), step_s=round((t1 - t0) / (s1 - s0), 3),
                    mfu=round(tokens_per_s * per_token / peak_flops, 3) if peak_flops else None)
     del trainer, model
@@ -143,7 +177,8 @@ def main() -> None:
     ap.add_argument("--model", default="random:apertus-8b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or 'all'")
+    ap.add_argument("--rows", default="0,1,2,3,4,5",
+                    help="comma-separated row numbers (0-based; default: the lever-by-lever rows) or 'all'")
     ap.add_argument("--method", default="lora", choices=["lora", "full"])
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     a = ap.parse_args()
@@ -164,11 +199,11 @@ def main() -> None:
         print("ROW", json.dumps(results[-1]), flush=True)
     ref = results[0].get("tokens_per_s")
     print(f"\n{a.model} {a.method} on {device}; {a.steps} measured steps after {a.warmup} warm-up")
-    print(f"{'setup':58} {'batch':>5} {'ckpt':>5} {'tok/s':>9} {'x ref':>6} {'s/step':>7} {'MFU':>6} {'peak GiB':>9}")
+    print(f"{'setup':58} {'batch':>5} {'ckpt':>6} {'tok/s':>9} {'x ref':>6} {'s/step':>7} {'MFU':>6} {'peak GiB':>9}")
     for r in results:
         tps = r.get("tokens_per_s")
         ratio = f"{tps / ref:.2f}" if tps and ref else "-"
-        print(f"{r['setup'][:58]:58} {r['batch']:>5} {str(r['ckpt']):>5} {tps or r['error']!s:>9} {ratio:>6} "
+        print(f"{r['setup'][:58]:58} {r['batch']:>5} {r['ckpt']:>6.3g} {tps or r['error']!s:>9} {ratio:>6} "
               f"{r.get('step_s', '-')!s:>7} {r.get('mfu') or '-'!s:>6} {r['peak_gib']:>9}")
     if a.out:
         a.out.write_text(json.dumps({"device": device, "model": a.model, "rows": results}, indent=2))

@@ -110,6 +110,13 @@ class TrainArgs(Section):
     """Mixed precision in bfloat16. null: on when the GPU supports it."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    checkpoint_fraction: float = Field(1.0, ge=0, le=1)
+    """With gradient_checkpointing: the fraction of decoder layers that recompute (spread evenly over the stack);
+    the others keep their activations. Lower is faster and needs more memory; 1.0 checkpoints every layer."""
+    compile_layers: bool | None = None
+    """torch.compile each decoder layer (fuses norms, residuals and LoRA's extra elementwise work; 2x on an H100,
+    docs/performance.md). The first steps are slower while it compiles (dynamic shapes: variable lengths do not
+    recompile each step). null: on with a CUDA GPU for launch.strategy none/ddp, off on a CPU and under ZeRO/FSDP2."""
     group_by_length: bool = True
     """Batch sequences of similar length together: far less padding (SJP cases range from 0.2k to 10k tokens)."""
     padding_free: bool = False
@@ -166,7 +173,8 @@ ID_EXCLUDE = {
     "eval": True,
     "eval_options": True,
     "launch": True,
-    "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints"},
+    "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
+              "checkpoint_fraction", "compile_layers"},  # speed knobs: same training, same run
 }
 
 

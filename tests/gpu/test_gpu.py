@@ -49,6 +49,22 @@ def test_optimizations_do_not_change_the_loss_trajectory(tiny_config, tmp_path):
     assert a == pytest.approx(b, rel=3e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compiled_layers_and_selective_checkpointing_keep_the_loss_trajectory(tiny_config, tmp_path, method):
+    """The GPU default (inductor-compiled decoder layers) and the shipped 8B setting (checkpointing on part of the
+    layers) against the plain path: same bf16 training, same losses within bf16 tolerance."""
+    common = dict(model_args={"arch_overrides": __import__("tests.conftest").conftest.tiny_arch(),
+                              "dtype": "bfloat16", **_tok_args()}, train__max_steps=6, method=method,
+                  train__lr=1e-3 if method == "lora" else 1e-4, train__gradient_checkpointing=True)
+    fast = run(validate(tiny_config(output_dir=str(tmp_path / "fast"), train__compile_layers=True,
+                                    train__checkpoint_fraction=0.5, **common)))
+    plain = run(validate(tiny_config(output_dir=str(tmp_path / "plain"), train__compile_layers=False, **common)))
+    a = [r["loss"] for r in fast.metrics()]
+    b = [r["loss"] for r in plain.metrics()]
+    assert a == pytest.approx(b, rel=3e-2)
+
+
 def _train_cli(cfg: dict, tmp_path, name: str):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -145,3 +145,15 @@ def test_activation_checkpointing_trains_the_same(tiny_config, tmp_path, method)
     off = run(validate(tiny_config(output_dir=str(tmp_path / "off"), train__gradient_checkpointing=False, **over)))
     assert on.manifest()["status"] == "completed"
     assert losses(on) == pytest.approx(losses(off), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_speed_levers_keep_the_loss_trajectory(tiny_config, tmp_path, method):
+    """Compiled decoder layers + checkpointing on half the layers learn what the plain path learns."""
+    over = dict(method=method, train__lr=1e-3 if method == "lora" else 1e-4, train__max_steps=3)
+    fast = run(validate(tiny_config(output_dir=str(tmp_path / "fast"), train__gradient_checkpointing=True,
+                                    train__checkpoint_fraction=0.5, train__compile_layers=True, **over)))
+    plain = run(validate(tiny_config(output_dir=str(tmp_path / "plain"), **over)))
+    assert losses(fast) == pytest.approx(losses(plain), rel=1e-4)
+    assert fast.manifest()["speed"] == {"compiled_layers": True, "checkpointed_fraction": 0.5}
+    assert plain.manifest()["speed"] == {"compiled_layers": False, "checkpointed_fraction": 0.0}  # CPU: auto = off

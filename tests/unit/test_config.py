@@ -40,7 +40,7 @@ def test_unknown_eval_task():
 def test_run_id_is_stable_and_ignores_bookkeeping_keys(tmp_path):
     a = build_config({}, ["train.lr=1e-4"])
     b = build_config({}, ["train.lr=0.0001", f"output_dir={tmp_path}", "eval=[sjp]", "train.logging_steps=5",
-                          "launch.strategy=zero3"])
+                          "launch.strategy=zero3", "train.compile_layers=true", "train.checkpoint_fraction=0.5"])
     c = build_config({}, ["train.lr=2e-4"])
     assert a.run_id() == b.run_id()
     assert a.run_id() != c.run_id()

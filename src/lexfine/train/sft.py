@@ -193,6 +193,9 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         from lexfine.kernels.xielu import patch_xielu
 
         patch_xielu(model, backend="inductor" if torch.cuda.is_available() else "aot_eager")
+    callbacks, speed = speed_levers(cfg, model)
+    if main:
+        rd.update_manifest(speed=speed)
     peft_config = None
     if cfg.method == "lora":
         check_lora_targets(model, cfg.lora.target_modules)
@@ -202,7 +205,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb])
+                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, *callbacks])
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -247,6 +250,29 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
             log.error("evaluation after training failed (the run is saved and completed): %s", e)
             raise EvalAfterTrainingError(str(e)) from e
     return False
+
+
+def speed_levers(cfg: RunConfig, model) -> tuple[list, dict]:
+    """Apply the optional speed levers to `model`; returns the Trainer callbacks they need and what was applied."""
+    import torch
+
+    from lexfine.train.speed import SelectiveCheckpointing, compile_decoder_layers
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    compile_layers = t.compile_layers if t.compile_layers is not None else cuda and cfg.launch.strategy in ("none", "ddp")
+    if compile_layers:
+        n = compile_decoder_layers(model, backend="inductor" if cuda else "aot_eager")
+        log.info("compiling %d decoder layers with torch.compile", n)
+    fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
+    callbacks = []
+    if t.gradient_checkpointing and fraction < 1:
+        if cfg.launch.strategy == "fsdp2":  # FSDP2's own activation checkpointing wraps every layer
+            log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
+            fraction = 1.0
+        else:
+            callbacks.append(SelectiveCheckpointing(fraction))
+    return callbacks, {"compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction}
 
 
 class EvalAfterTrainingError(LexfineError):

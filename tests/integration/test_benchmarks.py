@@ -1,0 +1,35 @@
+"""The benchmarks' CPU modes run end to end and print their tables (the GPU figures come from the same code)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_throughput_tiny_prints_rows_and_ratio(tmp_path):
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--rows", "0,3,5",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setup"][:10] for r in rows] == ["reference ", "+ loss on ", "+ ckpt on "]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["ckpt"] == 0.5625
+    assert "x ref" in res.stdout and "reference" in res.stdout
+
+
+def test_batch_lengths_cover_the_distribution_and_start_at_the_worst_case():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_throughput import batch_lengths
+
+    grouped = batch_lengths(21, 4, 4096, grouped=True, seed=1)
+    plain = batch_lengths(21, 4, 4096, grouped=False, seed=1)
+    assert grouped[0] == plain[0] == [4096] * 4
+    assert sorted(n for b in grouped for n in b) == sorted(n for b in plain for n in b)  # same draws
+    def real_share(batches):  # real tokens / padded tokens
+        return sum(sum(b) for b in batches) / sum(len(b) * max(b) for b in batches)
+
+    assert real_share(grouped[1:]) > 0.9 > 0.75 > real_share(plain[1:])  # grouping removes most padding
+    assert grouped == batch_lengths(21, 4, 4096, grouped=True, seed=1)  # the same for every row

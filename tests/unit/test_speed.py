@@ -1,0 +1,42 @@
+"""Selective activation checkpointing: which layers recompute, checked by counting real forward calls."""
+
+import pytest
+import torch
+
+from lexfine.train.speed import SelectiveCheckpointing, checkpointed_indices, decoder_layers
+
+
+@pytest.mark.parametrize("n,fraction,expected", [
+    (4, 1.0, {0, 1, 2, 3}), (4, 0.5, {0, 2}), (4, 0.0, set()), (32, 0.25, {0, 4, 8, 12, 16, 20, 24, 28}),
+    (3, 0.34, {0}), (5, 0.6, {0, 1, 3}),
+])
+def test_checkpointed_indices(n, fraction, expected):
+    assert checkpointed_indices(n, fraction) == expected
+
+
+def forward_calls_per_layer(fraction: float | None) -> list[int]:
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    cfg = ApertusConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, vocab_size=128)
+    torch.manual_seed(0)
+    model = ApertusForCausalLM(cfg).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fraction is not None:
+        SelectiveCheckpointing(fraction).on_train_begin(None, None, None, model=model)
+    calls = [0] * 4
+    for i, layer in enumerate(decoder_layers(model)):
+        def counted(x, i=i, forward=layer.mlp.forward):  # (module hooks do not fire on the recompute)
+            calls[i] += 1
+            return forward(x)
+
+        layer.mlp.forward = counted
+    ids = torch.randint(0, 128, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return calls
+
+
+def test_only_the_chosen_layers_recompute():
+    assert forward_calls_per_layer(None) == [2, 2, 2, 2]  # all checkpointed: forward + recompute
+    assert forward_calls_per_layer(0.5) == [2, 1, 2, 1]
+    assert forward_calls_per_layer(0.0) == [1, 1, 1, 1]

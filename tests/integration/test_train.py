@@ -151,9 +151,13 @@ def test_activation_checkpointing_trains_the_same(tiny_config, tmp_path, method)
 def test_speed_levers_keep_the_loss_trajectory(tiny_config, tmp_path, method):
     """Compiled decoder layers + checkpointing on half the layers learn what the plain path learns."""
     over = dict(method=method, train__lr=1e-3 if method == "lora" else 1e-4, train__max_steps=3)
+    evals = dict(eval=["sjp"], eval_options={"limit": 6, "max_length": 256, "batch_size": 3})
     fast = run(validate(tiny_config(output_dir=str(tmp_path / "fast"), train__gradient_checkpointing=True,
-                                    train__checkpoint_fraction=0.5, train__compile_layers=True, **over)))
-    plain = run(validate(tiny_config(output_dir=str(tmp_path / "plain"), **over)))
+                                    train__checkpoint_fraction=0.5, train__compile_layers=True, **over, **evals)))
+    plain = run(validate(tiny_config(output_dir=str(tmp_path / "plain"), **over, **evals)))
     assert losses(fast) == pytest.approx(losses(plain), rel=1e-4)
+    # the evaluation right after training (eager again, cached decoding) scores both models alike
+    scores = [json.loads((rd.eval_dir("sjp", "loglik") / "summary.json").read_text()) for rd in (fast, plain)]
+    assert scores[0]["n"] == 6 and scores[0]["accuracy"] == scores[1]["accuracy"]
     assert fast.manifest()["speed"] == {"compiled_layers": True, "checkpointed_fraction": 0.5}
     assert plain.manifest()["speed"] == {"compiled_layers": False, "checkpointed_fraction": 0.0}  # CPU: auto = off

@@ -287,7 +287,9 @@ def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> Non
                         rd.path, ", ".join(cfg.eval))
         return
     from lexfine.eval import run_configured_evals
+    from lexfine.train.speed import uncompile_decoder_layers
 
     model = trainer.model
     model.eval()
+    uncompile_decoder_layers(model)
     run_configured_evals(rd, cfg, model=model, tokenizer=tokenizer)

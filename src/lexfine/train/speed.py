@@ -58,3 +58,10 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Back to eager layers (evaluation after training runs cached decoding, which the compiled training graphs
+    were not built for)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None

@@ -33,3 +33,12 @@ def test_batch_lengths_cover_the_distribution_and_start_at_the_worst_case():
 
     assert real_share(grouped[1:]) > 0.9 > 0.75 > real_share(plain[1:])  # grouping removes most padding
     assert grouped == batch_lengths(21, 4, 4096, grouped=True, seed=1)  # the same for every row
+
+
+def test_eval_speed_tiny_prints_the_comparison(tmp_path):
+    out = tmp_path / "eval.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/eval_speed.py"), "--tiny", "--cases", "6",
+                          "--lexam-cases", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "vs generate" in res.stdout and "projected" in res.stdout
+    assert out.is_file() and out.stat().st_size > 0

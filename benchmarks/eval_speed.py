@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=None, help="context limit (default 512 tiny / 4096 GPU)")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="generate baseline: new tokens per case")
     ap.add_argument("--strategies", default="auto", help="loglik strategies to time, comma-separated: auto, packed "
-                    "(one pass, 4D mask), cached (maskless prompt pass + candidate pass on the KV cache)")
+                    "(one pass, 4D mask), cached (maskless prompt pass + candidate pass on the KV cache); append +compiled "
+                    "to time it with torch.compile'd decoder layers (e.g. cached,cached+compiled,packed+compiled)")
     ap.add_argument("--python-xielu", action="store_true", help="keep transformers' unfused Python xIELU (Apertus)")
     ap.add_argument("--no-generate", action="store_true", help="skip the generate baseline")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -113,17 +114,30 @@ def main(argv=None) -> int:
 
     strategies = [x.strip() for x in a.strategies.split(",") if x.strip()]
     rows = []
+    from lexfine.train.speed import compile_decoder_layers, uncompile_decoder_layers
+
+    def use(strat: str) -> str:
+        """'<strategy>+compiled' runs with torch.compile'd decoder layers (not a lexfine eval default yet)."""
+        base, compiled = strat.split("+")[0], strat.endswith("+compiled")
+        if compiled:
+            compile_decoder_layers(model, backend="inductor" if gpu else "aot_eager")
+        else:
+            uncompile_decoder_layers(model)
+        return base
+
     for strat in strategies:
         try:
+            base = use(strat)
             # warm-up (kernels, compile, allocator) on a long and a short batch
-            score_cases(model, cases[:4] + cases[-4:], 4, pad, progress=False, strategy=strat)
+            score_cases(model, cases[:4] + cases[-4:], 4, pad, progress=False, strategy=base)
             _, ll_s = _timed(lambda: score_cases(model, cases, bs, pad, progress=sys.stderr.isatty(), desc="loglik",
-                                                 max_batch_tokens=mbt, strategy=strat))
+                                                 max_batch_tokens=mbt, strategy=base))
             _report(rows, (f"SJP loglik {strat} (1 prompt pass)", len(cases), mean_tokens, ll_s))
         except Exception as e:  # one strategy failing must not lose the others' numbers
             print(f"strategy {strat} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
     peak_ll = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
 
+    uncompile_decoder_layers(model)
     if not a.no_generate:
         # the baseline in data order (the study's batches); length sorting would be an improvement we made
         def plain_generate():
@@ -137,8 +151,9 @@ def main(argv=None) -> int:
     lex_cases = [Case(p, lex_plan.candidates) for p in lex_prompts]
     for strat in strategies:
         try:
+            base = use(strat)
             _, lex_s = _timed(lambda: score_cases(model, lex_cases, bs, pad, progress=sys.stderr.isatty(), desc="lexam",
-                                                  max_batch_tokens=mbt, strategy=strat))
+                                                  max_batch_tokens=mbt, strategy=base))
             _report(rows, (f"LEXam MCQ-4 loglik {strat}", len(lex_cases),
                            sum(map(len, lex_prompts)) / len(lex_prompts), lex_s))
         except Exception as e:
@@ -150,10 +165,10 @@ def main(argv=None) -> int:
           f"{getattr(model.config, '_attn_implementation', '?')}) on {dev_name}; load {load_s:.1f}s, "
           f"tokenize {len(prompts)} prompts {tok_s:.1f}s; batch <= {bs} rows, <= {mbt} tokens (generate {gbs}); "
           f"max_length {max_length}; xIELU {'fused' if gpu and not a.python_xielu else 'python'}")
-    print(f"{'phase':<36} {'cases':>6} {'tok/case':>9} {'seconds':>9} {'cases/s':>9} {'tok/s':>10}")
+    print(f"{'phase':<44} {'cases':>6} {'tok/case':>9} {'seconds':>9} {'cases/s':>9} {'tok/s':>10}")
     results = []
     for name, count, toks, secs in rows:
-        print(f"{name:<36} {count:>6} {toks:>9.0f} {secs:>9.2f} {count / secs:>9.2f} {count * toks / secs:>10.0f}")
+        print(f"{name:<44} {count:>6} {toks:>9.0f} {secs:>9.2f} {count / secs:>9.2f} {count * toks / secs:>10.0f}")
         results.append({"phase": name, "cases": count, "mean_tokens": toks, "seconds": secs,
                         "cases_per_s": count / secs, "tokens_per_s": count * toks / secs})
     sjp_ll = [r for r in results if r["phase"].startswith("SJP loglik")]

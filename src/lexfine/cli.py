@@ -84,7 +84,8 @@ def train(
         from lexfine.rundir import RunDir
 
         rd = RunDir(rd_path)
-        cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines)
+        cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines,
+                            cfg.launch.strategy)
         rd.create(cfg.to_yaml(), cfg.run_id())  # after the command is known to be valid
         typer.echo(f"launching: {shell(cmd)}", err=True)
         code = subprocess.call(cmd)

@@ -64,3 +64,15 @@ def test_secrets_never_reach_run_files_or_errors(base, tmp_path, capsys, monkeyp
     assert manifests
     for f in manifests:
         assert secret not in f.read_text() and "<HF_TOKEN>" in f.read_text()
+
+
+def test_missing_deepspeed_is_refused_before_processes_start(base, tmp_path, capsys, monkeypatch):
+    """A multi-process ZeRO launch without DeepSpeed: one line from the parent, no per-rank tracebacks."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr("subprocess.call", lambda *a, **k: pytest.fail("processes were started"))
+    msg = _fails(["train", str(base), "--num-processes", "2", "--strategy", "zero3"], capsys)
+    assert "lexfine[deepspeed]" in msg
+    assert not list((tmp_path / "runs").glob("tiny-*"))  # nothing was created

@@ -69,6 +69,36 @@ def test_profile_bad_values(tmp_path, change, message):
     assert "\n" not in str(e.value)
 
 
+def test_time_description_survives_in_the_missing_field_error(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump({k: v for k, v in PROFILE.items() if k != "time"}))
+    with pytest.raises(ConfigError, match=r"\(Time limit per job, e\.g\. 12:00:00\)"):
+        load_profile(p)
+
+
+def test_unquoted_yaml_time_is_refused_and_numeric_mem_accepted(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("account: a\npartition: null\ntime: 12:00:00\nnodes: 1\ngpus_per_node: 4\n")
+    with pytest.raises(ConfigError, match='is a number; write the limit in quotes, e.g. time: "12:00:00"'):
+        load_profile(p)
+    p.write_text('account: a\npartition: null\ntime: "12:00:00"\nnodes: 1\ngpus_per_node: 4\nmem: 0\n')
+    assert load_profile(p).mem == "0"
+
+
+@pytest.mark.parametrize("name", sorted(x.stem for x in (Path(__file__).parents[2] / "configs/slurm").glob("*.yaml")))
+def test_shipped_profiles_load_and_write_scripts(tmp_path, name, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[2])  # shipped profiles are found by name from the repository root
+    prof = load_profile(name)
+    sweep, _, _, _ = make(tmp_path)
+    records = submit(sweep, prof, dry_run=True, workdir=str(tmp_path), echo=lambda _: None)
+    assert records
+    for rec in records:
+        for key in ("script", "eval_script"):
+            assert subprocess.run(["bash", "-n", rec[key]]).returncode == 0
+    if prof.mem is not None:
+        assert f"#SBATCH --mem={prof.mem}\n" in Path(records[0]["script"]).read_text()
+
+
 def test_parse_job_id():
     assert parse_job_id("12345\n") == "12345"
     assert parse_job_id("12345;clariden\n") == "12345"

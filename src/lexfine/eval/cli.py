@@ -30,7 +30,8 @@ def eval_command(
     split: Optional[str] = typer.Option(None, "--split", help="SJP: train, validation, test or all (default: test "
                                         "on the hub, all rows of a local file). LEXam: the hub split (test)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=32, help="Context limit; longer facts are "
-                                             "cut as in training. Default: the run's train.max_length, else 4096."),
+                                             "cut as in training. Default: the run's eval_options.max_length, else its "
+                                             "train.max_length; 4096 for a model."),
     base: Optional[str] = typer.Option(None, "--base", help="LoRA runs: the base model to put the adapter on "
                                        "(default: the run's model)."),
     backend: str = typer.Option("hf", "--backend", help="generate mode: hf (transformers) or vllm (if installed)."),

@@ -114,7 +114,7 @@ def train_command(sweep: Sweep, run: PlannedRun, launcher: str = "accelerate") -
     if n > 1:
         from lexfine.train.launch import local_command
 
-        return [*local_command(cfg, n, launcher, run.config.launch.num_machines), NO_EVAL]
+        return [*local_command(cfg, n, launcher, run.config.launch.num_machines, run.config.launch.strategy), NO_EVAL]
     return [sys.executable, "-m", "lexfine.train", str(cfg), NO_EVAL]
 
 

@@ -108,6 +108,19 @@ ALIASES = {
 }
 
 
+def _scalars(data: dict, where: str = "") -> dict:
+    """YAML turns `mem: 0` into a number (fine: SLURM takes it) and an unquoted `time: 12:00:00` into 43200 (not
+    fine: SLURM would read minutes)."""
+    out = dict(data)
+    if isinstance(out.get("mem"), int) and not isinstance(out.get("mem"), bool):
+        out["mem"] = str(out["mem"])
+    t = out.get("time")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        raise ConfigError(f"{where}time: {t!r} is a number; write the limit in quotes, e.g. time: \"12:00:00\" "
+                          "(unquoted, YAML reads 12:00:00 as 43200)")
+    return out
+
+
 def _normalize(data: dict) -> dict:
     out: dict[str, Any] = {}
     for k, v in data.items():
@@ -123,9 +136,10 @@ def _normalize(data: dict) -> dict:
         if key in ("sbatch_extra", "srun_extra", "setup", "container_mounts") and isinstance(v, str):
             v = [v]
         if key == "eval" and isinstance(v, dict):
-            v = {ALIASES.get(str(ek).replace("-", "_"), str(ek).replace("-", "_")): ev for ek, ev in v.items()}
+            v = _scalars({ALIASES.get(str(ek).replace("-", "_"), str(ek).replace("-", "_")): ev for ek, ev in v.items()},
+                         "eval.")
         out[key] = v
-    return out
+    return _scalars(out)
 
 
 def find_profile(path: str | Path) -> Path:
@@ -138,7 +152,10 @@ def find_profile(path: str | Path) -> Path:
 
 def load_profile(path: str | Path) -> SlurmProfile:
     path = find_profile(path)
-    data = _normalize(load_yaml(path))
+    try:
+        data = _normalize(load_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"slurm profile {str(path)!r}: {e}") from None
     try:
         prof = SlurmProfile.model_validate(data)
     except ValidationError as e:
@@ -146,7 +163,8 @@ def load_profile(path: str | Path) -> SlurmProfile:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "missing":
             doc = SlurmProfile.model_fields[key].description if key in SlurmProfile.model_fields else ""
-            msg = f"missing required field {key!r} ({(doc or '').split('.')[0]})"
+            first_sentence = re.split(r"\.\s+(?=[A-Z])", doc or "")[0].rstrip(".")
+            msg = f"missing required field {key!r} ({first_sentence})"
         elif err["type"] == "extra_forbidden":
             msg = f"unknown field {key!r}; allowed: {', '.join(SlurmProfile.model_fields)}"
         else:

@@ -63,9 +63,9 @@ def collect(sweep: Sweep, query_slurm: bool = True) -> list[dict]:
         st = state.get(run.run_id, {})
         metrics = rd.metrics() if rd.metrics_path.exists() else []
         last = metrics[-1] if metrics else {}
-        status = m.get("status") or "-"
+        status = m.get("status") or "new"
         job = st.get("job_id")
-        if job and job in live and status in ("planned", "interrupted", "-"):
+        if job and job in live and status in ("planned", "interrupted", "new"):
             status = live[job]  # pending / running / requeued ...
         elif status == "completed" and missing_evals(run, sweep.eval):
             status = "trained"  # training done, evaluations outstanding

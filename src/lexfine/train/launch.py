@@ -34,15 +34,19 @@ def pin_single_process(num_processes: int) -> None:
 
 
 def local_command(config_path: str | Path, num_processes: int, launcher: str = "accelerate",
-                  num_machines: int = 1) -> list[str]:
-    """The command that trains a resolved config on this machine with `num_processes` processes."""
+                  num_machines: int = 1, strategy: str = "none") -> list[str]:
+    """The command that trains a resolved config on this machine with `num_processes` processes. Refuses, in one
+    line and before any process starts, what cannot run here (several machines, an unknown launcher, a strategy
+    whose library is missing)."""
     from lexfine.errors import ConfigError
+    from lexfine.train.strategies import require_strategy
 
     if num_machines > 1:
         raise ConfigError(f"launch.num_machines={num_machines} needs one launcher per node: submit it with "
                           "`lexfine sweep submit SWEEP --slurm-profile P` (SLURM)")
     if launcher not in ("accelerate", "torchrun"):
         raise ConfigError(f"launcher {launcher!r} is not accelerate or torchrun")
+    require_strategy(strategy)
     cfg = str(config_path)
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",

@@ -45,18 +45,22 @@ def fsdp2_fields(gradient_checkpointing: bool) -> dict[str, Any]:
     }
 
 
+def require_strategy(strategy: str) -> None:
+    """One-line error when the strategy's library is missing (checked before any process starts)."""
+    import importlib.util
+
+    if strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        from lexfine.errors import ConfigError
+
+        raise ConfigError(f"launch.strategy={strategy} needs DeepSpeed: pip install 'lexfine[deepspeed]' "
+                          "(or use launch.strategy=ddp or fsdp2)")
+
+
 def training_fields(strategy: str, gradient_checkpointing: bool) -> dict[str, Any]:
     """TrainingArguments fields for a strategy (none, ddp, zero2, zero3, fsdp2)."""
+    require_strategy(strategy)
     if strategy in ("none", "ddp"):
         return {"ddp_find_unused_parameters": False}
-    if strategy in ("zero2", "zero3"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            from lexfine.errors import ConfigError
-
-            raise ConfigError(f"launch.strategy={strategy} needs DeepSpeed: pip install 'lexfine[deepspeed]' "
-                              "(or use launch.strategy=ddp or fsdp2)")
     if strategy == "zero2":
         return {"deepspeed": deepspeed_config(2)}
     if strategy == "zero3":

@@ -101,9 +101,9 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
 
     from lexfine import models
     from lexfine.config import build_config
-    from lexfine.kernels.xielu import patch_xielu
     from lexfine.rundir import RunDir
-    from lexfine.train.sft import build_args, lora_config, speed_levers
+    from lexfine.train.sft import build_args, lora_config
+    from lexfine.train.speed import apply_speed_levers
 
     cfg = build_config({}, base + [f"{k}={v}" for k, v in overrides.items()])
     cfg.train.max_steps = warmup + steps
@@ -119,9 +119,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     torch.cuda.reset_peak_memory_stats() if cuda else None
     model = models.load_model(spec, cfg.model_args, dtype=None if cuda else torch.float32,
                               device="cuda" if cuda else None)
-    if cfg.train.fused_activation:
-        patch_xielu(model, backend="inductor" if cuda else "aot_eager")
-    callbacks, _ = speed_levers(cfg, model)
+    callbacks, _ = apply_speed_levers(cfg, model)
     n_dec, layers, hidden = decoder_params(model), arch.num_hidden_layers, arch.hidden_size
     args = build_args(cfg, RunDir(Path("/tmp/lexfine-bench") / label.replace(" ", "_")[:40]))
     args.save_strategy = "no"

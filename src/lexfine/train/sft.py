@@ -173,6 +173,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     from lexfine import models
     from lexfine.train.callbacks import MetricsCallback
     from lexfine.train.preemption import PreemptionCallback
+    from lexfine.train.speed import apply_speed_levers
 
     args = build_args(cfg, rd)
     spec = models.resolve(cfg.model)
@@ -189,11 +190,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes
     model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
-    if cfg.train.fused_activation:
-        from lexfine.kernels.xielu import patch_xielu
-
-        patch_xielu(model, backend="inductor" if torch.cuda.is_available() else "aot_eager")
-    callbacks, speed = speed_levers(cfg, model)
+    callbacks, speed = apply_speed_levers(cfg, model)
     if main:
         rd.update_manifest(speed=speed)
     peft_config = None
@@ -250,29 +247,6 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
             log.error("evaluation after training failed (the run is saved and completed): %s", e)
             raise EvalAfterTrainingError(str(e)) from e
     return False
-
-
-def speed_levers(cfg: RunConfig, model) -> tuple[list, dict]:
-    """Apply the optional speed levers to `model`; returns the Trainer callbacks they need and what was applied."""
-    import torch
-
-    from lexfine.train.speed import SelectiveCheckpointing, compile_decoder_layers
-
-    t = cfg.train
-    cuda = torch.cuda.is_available()
-    compile_layers = t.compile_layers if t.compile_layers is not None else cuda and cfg.launch.strategy in ("none", "ddp")
-    if compile_layers:
-        n = compile_decoder_layers(model, backend="inductor" if cuda else "aot_eager")
-        log.info("compiling %d decoder layers with torch.compile", n)
-    fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
-    callbacks = []
-    if t.gradient_checkpointing and fraction < 1:
-        if cfg.launch.strategy == "fsdp2":  # FSDP2's own activation checkpointing wraps every layer
-            log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
-            fraction = 1.0
-        else:
-            callbacks.append(SelectiveCheckpointing(fraction))
-    return callbacks, {"compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction}
 
 
 class EvalAfterTrainingError(LexfineError):

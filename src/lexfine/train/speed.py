@@ -1,5 +1,6 @@
 """Speed levers that change how a step is computed, never what it computes.
 
+- fused xIELU (Apertus's activation, lexfine.kernels.xielu);
 - selective activation checkpointing: only a fraction of the decoder layers recompute their activations;
 - compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile.
 
@@ -13,6 +14,34 @@ import logging
 from transformers import TrainerCallback
 
 log = logging.getLogger("lexfine.train")
+
+
+def apply_speed_levers(cfg, model) -> tuple[list, dict]:
+    """Apply the levers `cfg.train` asks for to `model` (before PEFT wraps it); returns the Trainer callbacks they
+    need and what was applied (recorded in the run's manifest)."""
+    import torch
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    backend = "inductor" if cuda else "aot_eager"
+    fused = 0
+    if t.fused_activation:
+        from lexfine.kernels.xielu import patch_xielu
+
+        fused = patch_xielu(model, backend=backend)
+    compile_layers = t.compile_layers if t.compile_layers is not None else cuda and cfg.launch.strategy in ("none", "ddp")
+    if compile_layers:
+        log.info("compiling %d decoder layers with torch.compile", compile_decoder_layers(model, backend=backend))
+    fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
+    callbacks = []
+    if t.gradient_checkpointing and fraction < 1:
+        if cfg.launch.strategy == "fsdp2":  # FSDP2's own activation checkpointing wraps every layer
+            log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
+            fraction = 1.0
+        else:
+            callbacks.append(SelectiveCheckpointing(fraction))
+    applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction}
+    return callbacks, applied
 
 
 def decoder_layers(model) -> list:

@@ -90,3 +90,5 @@ def test_two_gpus_match_one_gpu_with_accumulation(tiny_config, tmp_path, strateg
     run_dir, got = _train_cli(two, tmp_path, "two")
     assert got == pytest.approx(ref, rel=1e-2)
     assert os.path.isfile(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert manifest["adapter_check"]["modules"] == 12 and manifest["adapter_check"]["lora_B_nonzero"] == 12

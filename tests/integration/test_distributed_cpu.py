@@ -42,4 +42,5 @@ def test_two_processes_match_one_process_with_accumulation(tiny_config, tmp_path
     two = [r["loss"] for r in double.metrics()]
     assert two == pytest.approx(one, rel=2e-3)
     assert (double.adapter_dir / "adapter_model.safetensors").is_file()
+    assert m["adapter_check"] == single.manifest()["adapter_check"] == {"modules": 12, "lora_B_nonzero": 12}
     assert sys.executable

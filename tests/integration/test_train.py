@@ -28,6 +28,7 @@ def test_lora_run_directory_is_complete(tiny_config):
     assert all(r["num_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[-1]["num_tokens"] > rows[0]["num_tokens"]
     assert (rd.adapter_dir / "adapter_model.safetensors").is_file()
+    assert m["adapter_check"] == {"modules": 2 * 6, "lora_B_nonzero": 2 * 6}  # 2 layers x q,k,v,o,up,down
     assert (rd.adapter_dir / "tokenizer_config.json").is_file()
     assert not rd.checkpoints.exists()  # deleted after success unless train.keep_checkpoints
     cfg = json.loads(json.dumps(__import__("yaml").safe_load(rd.config_path.read_text())))

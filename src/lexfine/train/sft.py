@@ -221,6 +221,11 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     trainer.save_model(str(tmp))  # collective under ZeRO-3/FSDP: every rank takes part, rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if main:
+        if cfg.method == "lora":
+            from lexfine.train.saved_adapter import adapted_modules, check_saved_adapter
+
+            rd.update_manifest(adapter_check=check_saved_adapter(
+                tmp, adapted_modules(trainer.model), trained=trainer.state.global_step > 0 and cfg.train.lr > 0))
         tokenizer.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)

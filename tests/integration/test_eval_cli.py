@@ -203,3 +203,27 @@ def test_data_parallel_on_cpu_scores_each_case_once(tmp_path):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
     summary = json.loads((tmp_path / "two" / "eval" / "sjp-loglik" / "summary.json").read_text())
     assert summary["settings"]["world_size"] == 2
+
+
+def test_data_parallel_eval_of_a_run_records_the_base_model(tiny_config, tmp_path):
+    """torchrun, 2 CPU processes, a run directory: the run AND its base model are scored data-parallel (every
+    rank takes part in both; rank 0 alone would wait forever in the base model's gather), then all ranks exit."""
+    import os
+    import shutil
+    import subprocess
+
+    from lexfine.config import validate
+    from lexfine.train import run
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    rd = run(validate(tiny_config(train__max_steps=1, data__limit=4)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "lexfine.eval", str(rd.path), "--task", "sjp",
+                          "--limit", "6", "--batch-size", "2", "-q", "--max-length", "256"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = rd.manifest()
+    summary = json.loads((rd.path / "eval" / "sjp-loglik" / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["settings"]["world_size"] == 2
+    assert "sjp-loglik" in manifest["evals"] and manifest["base_evals"]["sjp-loglik"]["accuracy"] is not None

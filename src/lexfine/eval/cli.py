@@ -51,6 +51,9 @@ def eval_command(
     """Evaluate a run or a model on SJP or LEXam; prints the summary.json path last."""
     try:
         _run(**locals())
+        from lexfine.eval import dist
+
+        dist.finish()
     except LexfineError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -83,10 +86,9 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, spl
                            max_length=max_length, split=split, base=base, backend=backend,
                            max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
                            progress=not quiet, max_batch_tokens=max_batch_tokens)
-        if not summary:  # a non-zero rank of a data-parallel launch: rank 0 reports
-            continue
-        typer.echo(_line(summary), err=True)
-        paths.append(summary["summary_path"])
+        if summary:  # empty on the other ranks of a data-parallel launch: rank 0 reports
+            typer.echo(_line(summary), err=True)
+            paths.append(summary["summary_path"])
         if with_base and out is None and RunDir.is_run_dir(target):
             _record_base(target, name, mode, base, dict(
                 data=data, limit=limit, batch_size=batch_size, max_length=max_length, split=split, backend=backend,
@@ -98,7 +100,8 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, spl
 
 def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) -> None:
     """The base model's scores on the same cases and prompts, cached by (model, task, mode, data, settings) so a
-    sweep computes them once: what `lexfine train ... eval=[...]` records after training, for separate eval jobs."""
+    sweep computes them once: what `lexfine train ... eval=[...]` records after training, for separate eval jobs.
+    Every rank of a data-parallel launch takes part (the base model is scored data-parallel too)."""
     from lexfine.eval.runner import evaluate, headline
     from lexfine.eval.target import resolve_target
 

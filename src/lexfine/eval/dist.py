@@ -79,3 +79,13 @@ def barrier(info: DistInfo) -> None:
         import torch
 
         torch.distributed.barrier()
+
+
+def finish() -> None:
+    """Orderly end of a data-parallel launch: every rank waits for the others, then leaves the process group.
+    (A rank that exits while another still holds its gloo connections can be aborted: SIGABRT at exit.)"""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

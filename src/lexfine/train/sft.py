@@ -105,6 +105,8 @@ def build_args(cfg: RunConfig, rd: RunDir):
         use_cpu=not cuda,
     )
     fields.update(training_fields(cfg.launch.strategy, t.gradient_checkpointing))
+    if cfg.launch.strategy == "fsdp2" and not cuda and world_size() > 1:
+        log.warning("launch.strategy=fsdp2 needs CUDA GPUs: on a CPU accelerate trains these processes with plain DDP")
     return SFTConfig(**_compatible(SFTConfig, fields))
 
 

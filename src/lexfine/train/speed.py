@@ -4,7 +4,7 @@
 - selective activation checkpointing: only a fraction of the decoder layers recompute their activations;
 - compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile.
 
-Both are measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
+Each is measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
 """
 
 from __future__ import annotations

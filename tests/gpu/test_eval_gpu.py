@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import tiny_arch
+
 TOKENIZER = os.environ.get("LEXFINE_TEST_TOKENIZER")
-TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152 + 64, "max_position_embeddings": 2048}
+TINY = tiny_arch()
 
 
 def _tiny_args(dtype="bfloat16"):

@@ -11,6 +11,7 @@ import yaml
 
 from lexfine.config import validate
 from lexfine.train import run
+from tests.conftest import tiny_arch
 
 TOKENIZER = os.environ.get("LEXFINE_TEST_TOKENIZER")  # a tokenizer dir when the embedded model is not installed
 
@@ -40,7 +41,7 @@ def test_inductor_xielu_matches_reference_on_cuda():
 @pytest.mark.gpu
 def test_optimizations_do_not_change_the_loss_trajectory(tiny_config, tmp_path):
     """Fused xIELU (inductor) on vs off: same bf16 training, same losses within bf16 tolerance."""
-    common = dict(model_args={"arch_overrides": __import__("tests.conftest").conftest.tiny_arch(),
+    common = dict(model_args={"arch_overrides": tiny_arch(),
                               "dtype": "bfloat16", **_tok_args()}, train__max_steps=6)
     on = run(validate(tiny_config(output_dir=str(tmp_path / "on"), train__fused_activation=True, **common)))
     off = run(validate(tiny_config(output_dir=str(tmp_path / "off"), train__fused_activation=False, **common)))
@@ -54,7 +55,7 @@ def test_optimizations_do_not_change_the_loss_trajectory(tiny_config, tmp_path):
 def test_compiled_layers_and_selective_checkpointing_keep_the_loss_trajectory(tiny_config, tmp_path, method):
     """The GPU default (inductor-compiled decoder layers) and the shipped 8B setting (checkpointing on part of the
     layers) against the plain path: same bf16 training, same losses within bf16 tolerance."""
-    common = dict(model_args={"arch_overrides": __import__("tests.conftest").conftest.tiny_arch(),
+    common = dict(model_args={"arch_overrides": tiny_arch(),
                               "dtype": "bfloat16", **_tok_args()}, train__max_steps=6, method=method,
                   train__lr=1e-3 if method == "lora" else 1e-4, train__gradient_checkpointing=True)
     fast = run(validate(tiny_config(output_dir=str(tmp_path / "fast"), train__compile_layers=True,
@@ -80,7 +81,7 @@ def _train_cli(cfg: dict, tmp_path, name: str):
 @pytest.mark.multigpu
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_two_gpus_match_one_gpu_with_accumulation(tiny_config, tmp_path, strategy):
-    base = tiny_config(model_args={"arch_overrides": __import__("tests.conftest").conftest.tiny_arch(),
+    base = tiny_config(model_args={"arch_overrides": tiny_arch(),
                                    "dtype": "float32", **_tok_args()},
                        train__group_by_length=False, train__max_steps=4)
     one = dict(base, name="one", train={**base["train"], "grad_accum": 2})

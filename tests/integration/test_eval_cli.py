@@ -9,9 +9,9 @@ import typer
 from typer.testing import CliRunner
 
 from lexfine.eval.cli import register
+from tests.conftest import tiny_arch
 
-TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152 + 64, "max_position_embeddings": 2048}
+TINY = tiny_arch()
 
 
 @pytest.fixture(scope="module")

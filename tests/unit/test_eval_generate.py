@@ -48,9 +48,9 @@ def test_generate_hf_matches_one_by_one(smollm_tokenizer):
     from lexfine.config import ModelArgs
     from lexfine.eval.generate import generate_hf
 
-    arch = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152 + 64, "max_position_embeddings": 2048}
-    model = models.load_model("random:apertus-8b", ModelArgs(arch_overrides=arch, dtype="float32"),
+    from tests.conftest import tiny_arch
+
+    model = models.load_model("random:apertus-8b", ModelArgs(arch_overrides=tiny_arch(), dtype="float32"),
                               tokenizer=smollm_tokenizer).eval()
     tok = smollm_tokenizer
     prompts = [tok(t)["input_ids"] for t in ["Bonjour", "Le recours est", "A much longer prompt than the others here"]]

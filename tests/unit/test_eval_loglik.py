@@ -5,12 +5,7 @@ import torch
 
 from lexfine.config import ModelArgs
 from lexfine.eval.loglik import Case, build_batch, predict, score_cases
-
-
-def tiny_arch() -> dict:
-    # The real Apertus code at 2 layers x width 64 (as tests/conftest.py's tiny_arch).
-    return {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152 + 64, "max_position_embeddings": 2048}
+from tests.conftest import tiny_arch
 
 
 def _tiny(attn="sdpa", dtype="float32"):

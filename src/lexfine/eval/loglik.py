@@ -63,7 +63,16 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
-def build_batch(cases: list[Case], pad_id: int, device, mask_dtype=None):
+def _for_model(mask: torch.Tensor, model) -> torch.Tensor:
+    """A boolean attention mask (True = may attend) as the model's attention wants it: eager adds it to the scores."""
+    if _attn_impl(model) != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.where(mask, torch.tensor(0.0, dtype=dtype, device=mask.device),
+                       torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+
+
+def build_batch(cases: list[Case], pad_id: int, device):
     """Tensors for one forward pass: input_ids, position_ids, attention mask (2D or 4D) and the block width."""
     blocks = [_block(c.candidates) for c in cases]
     width = max(len(b) for b, _ in blocks)
@@ -96,11 +105,7 @@ def build_batch(cases: list[Case], pad_id: int, device, mask_dtype=None):
     same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
     mask = causal & same & valid[:, None, :]
     mask |= torch.eye(total, dtype=torch.bool, device=device)[None] & ~valid[:, :, None]  # padding sees itself only
-    mask = mask[:, None]
-    if mask_dtype is not None:  # eager attention adds the mask to the scores
-        mask = torch.where(mask, torch.tensor(0.0, dtype=mask_dtype, device=device),
-                           torch.tensor(torch.finfo(mask_dtype).min, dtype=mask_dtype, device=device))
-    return ids, pos, mask, width, s
+    return ids, pos, mask[:, None], width, s
 
 
 def _logits_last(model, ids, pos, mask, keep: int) -> torch.Tensor:
@@ -114,10 +119,9 @@ def _logits_last(model, ids, pos, mask, keep: int) -> torch.Tensor:
 
 
 def _score_batch(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
-    mask_dtype = None
-    if _attn_impl(model) == "eager":
-        mask_dtype = next(model.parameters()).dtype
-    ids, pos, mask, width, _ = build_batch(cases, pad_id, device, mask_dtype)
+    ids, pos, mask, width, _ = build_batch(cases, pad_id, device)
+    if width:  # a 4D block mask (without a block, a plain 2D padding mask)
+        mask = _for_model(mask, model)
     logp = torch.log_softmax(_logits_last(model, ids, pos, mask, width + 1).float(), dim=-1)
     out = []
     for i, case in enumerate(cases):
@@ -165,11 +169,7 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[l
     own = (seg[:, None, :] == seg[:, :, None]) & (ar[None, None, :] <= ar[None, :, None]) & (seg[:, None, :] > 0)
     own |= torch.eye(width, dtype=torch.bool, device=device)[None] & (seg[:, :, None] < 0)
     prompt_keys = (torch.arange(plen)[None, :] < lens[:, None]).to(device)  # not the right padding
-    mask = torch.cat([prompt_keys[:, None, :].expand(bsz, width, plen), own], dim=-1)[:, None]
-    if _attn_impl(model) == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.where(mask, torch.tensor(0.0, dtype=dtype, device=device),
-                           torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))
+    mask = _for_model(torch.cat([prompt_keys[:, None, :].expand(bsz, width, plen), own], dim=-1)[:, None], model)
     out2 = model(input_ids=blk.to(device), position_ids=pos.to(device), attention_mask=mask,
                  past_key_values=out.past_key_values, use_cache=True, logits_to_keep=width)
     logp = torch.log_softmax(out2.logits.float(), -1)

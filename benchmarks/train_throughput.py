@@ -31,6 +31,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "GH200": 989e12}
 
 # Each row changes one thing from the row before it (levers measured one at a time), up to the shipped setup.
 OFF = {"train.compile_layers": False}
+FIXED = {"train.adaptive_checkpointing": False}
 ROWS = [
     ("reference (study: batch 4, pad longest, ckpt, loss on all)",
      {**OFF, "train.group_by_length": False, "train.fused_activation": False, "data.loss_on": "all"}),
@@ -38,13 +39,15 @@ ROWS = [
     ("+ fused xIELU", {**OFF, "data.loss_on": "all"}),
     ("+ loss on the answer only", {**OFF}),
     ("+ compiled decoder layers (lexfine default on a GPU)", {"train.compile_layers": True}),
-    ("+ ckpt on 9/16 of the layers (shipped 8B LoRA config)", {"train.compile_layers": True,
-                                                                "train.checkpoint_fraction": 0.5625}),
-    ("+ ckpt on 1/2 of the layers", {"train.compile_layers": True, "train.checkpoint_fraction": 0.5}),
-    ("ckpt on 1/2 of the layers, not compiled", {**OFF, "train.checkpoint_fraction": 0.5}),
+    ("+ ckpt on 9/16 of the layers, every step", {"train.compile_layers": True, "train.checkpoint_fraction": 0.5625,
+                                                   **FIXED}),
+    ("+ adaptive: 9/16 at a full batch (shipped 8B LoRA)", {"train.compile_layers": True,
+                                                             "train.checkpoint_fraction": 0.5625}),
+    ("adaptive, 1/2 at a full batch", {"train.compile_layers": True, "train.checkpoint_fraction": 0.5}),
+    ("ckpt on 1/2 of the layers, not compiled", {**OFF, **FIXED, "train.checkpoint_fraction": 0.5}),
     ("compiled, no activation checkpointing", {"train.compile_layers": True, "train.gradient_checkpointing": False}),
-    ("compiled, ckpt 3/4 of the layers, batch 8", {"train.compile_layers": True, "train.checkpoint_fraction": 0.75,
-                                                   "train.batch_size": 8}),
+    ("compiled, adaptive 3/4 at a full batch, batch 8", {"train.compile_layers": True,
+                                                         "train.checkpoint_fraction": 0.75, "train.batch_size": 8}),
     ("compiled, all layers ckpt, batch 8", {"train.compile_layers": True, "train.batch_size": 8}),
     ("not compiled, all layers ckpt, batch 8", {**OFF, "train.batch_size": 8}),
 ]
@@ -102,7 +105,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     from lexfine import models
     from lexfine.config import build_config
     from lexfine.rundir import RunDir
-    from lexfine.train.sft import build_args, lora_config
+    from lexfine.train.sft import build_args, lora_config, weights_dtype
     from lexfine.train.speed import apply_speed_levers
 
     cfg = build_config({}, base + [f"{k}={v}" for k, v in overrides.items()])
@@ -117,7 +120,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     cuda = torch.cuda.is_available()
     torch.cuda.empty_cache() if cuda else None
     torch.cuda.reset_peak_memory_stats() if cuda else None
-    model = models.load_model(spec, cfg.model_args, dtype=None if cuda else torch.float32,
+    model = models.load_model(spec, cfg.model_args, dtype=weights_dtype(cfg) if cuda else torch.float32,
                               device="cuda" if cuda else None)
     callbacks, _ = apply_speed_levers(cfg, model)
     n_dec, layers, hidden = decoder_params(model), arch.num_hidden_layers, arch.hidden_size
@@ -148,6 +151,7 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     ckpt = cfg.train.checkpoint_fraction if cfg.train.gradient_checkpointing else 0
     row = {"setup": label, "batch": cfg.train.batch_size, "ckpt": ckpt, "compiled": cfg.train.compile_layers,
+           "adaptive": cfg.train.adaptive_checkpointing and 0 < ckpt < 1,
            "peak_gib": round(peak, 1), "error": err}
     if not err:
         w = [m for m in marks if m[0] >= warmup]
@@ -159,6 +163,9 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
         per_token = (4 if cfg.method == "lora" else 6) * n_dec + 12 * layers * hidden * s_mean
         name = torch.cuda.get_device_name(0) if cuda else "cpu"
         peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        sc = next((c for c in callbacks if hasattr(c, "counted")), None)
+        if sc and sc.counted[0]:
+            row.update(ckpt_layers_mean=round(sc.counted[1] / sc.counted[0], 2))
         row.update(step_times=[round(b[1] - a[1], 3) for a, b in zip(marks, marks[1:])])
         row.update(tokens_per_s=round(tokens_per_s, 1), step_s=round((t1 - t0) / (s1 - s0), 3),
                    mfu=round(tokens_per_s * per_token / peak_flops, 3) if peak_flops else None)
@@ -175,7 +182,7 @@ def main() -> None:
     ap.add_argument("--model", default="random:apertus-8b")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rows", default="0,1,2,3,4,5",
+    ap.add_argument("--rows", default="0,1,2,3,4,5,6",
                     help="comma-separated row numbers (0-based; default: the lever-by-lever rows) or 'all'")
     ap.add_argument("--method", default="lora", choices=["lora", "full"])
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
@@ -201,8 +208,10 @@ def main() -> None:
     for r in results:
         tps = r.get("tokens_per_s")
         ratio = f"{tps / ref:.2f}" if tps and ref else "-"
-        print(f"{r['setup'][:58]:58} {r['batch']:>5} {r['ckpt']:>6.3g} {tps or r['error']!s:>9} {ratio:>6} "
+        ckpt = f"{r['ckpt']:.3g}{'a' if r['adaptive'] else ''}"
+        print(f"{r['setup'][:58]:58} {r['batch']:>5} {ckpt:>6} {tps or r['error']!s:>9} {ratio:>6} "
               f"{r.get('step_s', '-')!s:>7} {r.get('mfu') or '-'!s:>6} {r['peak_gib']:>9}")
+    print("ckpt: fraction of the layers checkpointed; 'a': adaptive (that fraction at a full batch, fewer on shorter)")
     if a.out:
         a.out.write_text(json.dumps({"device": device, "model": a.model, "rows": results}, indent=2))
 

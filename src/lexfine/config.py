@@ -112,7 +112,12 @@ class TrainArgs(Section):
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     checkpoint_fraction: float = Field(1.0, ge=0, le=1)
     """With gradient_checkpointing: the fraction of decoder layers that recompute (spread evenly over the stack);
-    the others keep their activations. Lower is faster and needs more memory; 1.0 checkpoints every layer."""
+    the others keep their activations. Lower is faster and needs more memory; 1.0 checkpoints every layer.
+    With adaptive_checkpointing this holds for a full batch (batch_size x max_length tokens)."""
+    adaptive_checkpointing: bool = True
+    """With checkpoint_fraction below 1: a batch with fewer tokens than a full one checkpoints proportionally fewer
+    layers, so it keeps no more activations than a full batch would (same peak memory, less recomputation on most
+    steps). false: the same layers every step."""
     compile_layers: bool | None = None
     """torch.compile each decoder layer (fuses norms, residuals and LoRA's extra elementwise work; 2x on an H100,
     docs/performance.md). The first steps are slower while it compiles (dynamic shapes: variable lengths do not
@@ -151,8 +156,8 @@ class EvalArgs(Section):
     """loglik: score the candidate answers. generate: greedy decoding and parsing (study parity)."""
     limit: int | None = Field(None, ge=1)
     """Evaluate at most this many examples per task."""
-    batch_size: int = Field(8, ge=1)
-    """Examples per forward pass."""
+    batch_size: int | None = Field(None, ge=1)
+    """Examples per forward pass. null: 64 for loglik on a GPU (at most 32768 padded tokens), else 8."""
     max_length: int | None = None
     """Context limit for evaluation prompts (null: the training max_length)."""
 
@@ -174,7 +179,7 @@ ID_EXCLUDE = {
     "eval_options": True,
     "launch": True,
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
-              "checkpoint_fraction", "compile_layers"},  # speed knobs: same training, same run
+              "checkpoint_fraction", "adaptive_checkpointing", "compile_layers"},  # speed knobs: same training, same run
 }
 
 

@@ -79,6 +79,20 @@ def test_sjp_loglik_embedded(app, tmp_path):
     assert again["cached"] and again["accuracy"] == s["accuracy"]
 
 
+def test_compiled_scoring_gives_the_eager_scores(app, tmp_path):
+    common = ["--task", "sjp", "--data", "bundled:sjp_fr_heldout", "--limit", 6, "--max-length", 256, "-q", "--no-cache"]
+    eager = _summary(run_cli(app, "smollm2-135m", *common, "--out", tmp_path / "eager"))
+    compiled = _summary(run_cli(app, "smollm2-135m", *common, "--compile", "--out", tmp_path / "compiled"))
+    assert compiled["compiled_layers"] is True and eager["compiled_layers"] is False
+    a, b = (_predictions(tmp_path / d / "eval" / "sjp-loglik" / "summary.json") for d in ("eager", "compiled"))
+    assert [p["id"] for p in a] == [p["id"] for p in b]
+    for x, y in zip(a, b):
+        assert x["prediction"] == y["prediction"]
+        assert list(x["scores"].values()) == pytest.approx(list(y["scores"].values()), abs=2e-3)
+    assert "applies to loglik" in run_cli(app, "smollm2-135m", "--task", "sjp", "--mode", "generate", "--compile",
+                                          "--limit", 2).output
+
+
 def test_lexam_loglik_and_generate_embedded(app, tmp_path):
     s = _summary(run_cli(app, "smollm2-135m", "--task", "lexam_mcq4", "--out", tmp_path, "--limit", 20,
                          "--max-length", 768, "-q"))

@@ -160,6 +160,7 @@ def test_speed_levers_keep_the_loss_trajectory(tiny_config, tmp_path, method):
     # the evaluation right after training (eager again, cached decoding) scores both models alike
     scores = [json.loads((rd.eval_dir("sjp", "loglik") / "summary.json").read_text()) for rd in (fast, plain)]
     assert scores[0]["n"] == 6 and scores[0]["accuracy"] == scores[1]["accuracy"]
-    assert fast.manifest()["speed"] == {"fused_activation": True, "compiled_layers": True, "checkpointed_fraction": 0.5}
+    assert fast.manifest()["speed"] == {"fused_activation": True, "compiled_layers": True, "checkpointed_fraction": 0.5,
+                                          "adaptive_checkpointing": True}
     assert plain.manifest()["speed"]["compiled_layers"] is False  # CPU: auto = off
     assert plain.manifest()["speed"]["checkpointed_fraction"] == 0.0

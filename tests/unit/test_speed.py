@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lexfine.train.speed import SelectiveCheckpointing, checkpointed_indices, decoder_layers
+from lexfine.train.speed import SelectiveCheckpointing, checkpointed_indices, decoder_layers, layers_to_checkpoint
 
 
 @pytest.mark.parametrize("n,fraction,expected", [
@@ -14,7 +14,19 @@ def test_checkpointed_indices(n, fraction, expected):
     assert checkpointed_indices(n, fraction) == expected
 
 
-def forward_calls_per_layer(fraction: float | None) -> list[int]:
+@pytest.mark.parametrize("tokens,expected", [
+    (16384, 18), (20000, 18),  # a full batch (or more): the configured 18 of 32
+    (8192, 4),                 # half the tokens: 14 kept layers may become 28
+    (5000, 0),                 # short enough to keep every layer
+    (12000, 13),               # 14 * 16384 // 12000 = 19 kept
+])
+def test_layers_to_checkpoint_keeps_activations_within_a_full_batch(tokens, expected):
+    k = layers_to_checkpoint(32, 18, tokens, 16384)
+    assert k == expected
+    assert (32 - k) * tokens <= (32 - 18) * 16384 or tokens >= 16384
+
+
+def forward_calls_per_layer(fraction: float | None, full_batch_tokens: int | None = None) -> list[int]:
     from transformers import ApertusConfig, ApertusForCausalLM
 
     cfg = ApertusConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -23,7 +35,7 @@ def forward_calls_per_layer(fraction: float | None) -> list[int]:
     model = ApertusForCausalLM(cfg).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fraction is not None:
-        SelectiveCheckpointing(fraction).on_train_begin(None, None, None, model=model)
+        SelectiveCheckpointing(fraction, full_batch_tokens).on_train_begin(None, None, None, model=model)
     calls = [0] * 4
     for i, layer in enumerate(decoder_layers(model)):
         def counted(x, i=i, forward=layer.mlp.forward):  # (module hooks do not fire on the recompute)
@@ -40,3 +52,10 @@ def test_only_the_chosen_layers_recompute():
     assert forward_calls_per_layer(None) == [2, 2, 2, 2]  # all checkpointed: forward + recompute
     assert forward_calls_per_layer(0.5) == [2, 1, 2, 1]
     assert forward_calls_per_layer(0.0) == [1, 1, 1, 1]
+
+
+def test_adaptive_checkpointing_recomputes_fewer_layers_on_shorter_batches():
+    # the batch has 2 x 10 = 20 tokens; 2 of 4 layers recompute at a full batch
+    assert forward_calls_per_layer(0.5, full_batch_tokens=20) == [2, 1, 2, 1]  # a full batch
+    assert forward_calls_per_layer(0.5, full_batch_tokens=30) == [2, 1, 1, 1]  # 2/3 of one: 3 layers may keep
+    assert forward_calls_per_layer(0.5, full_batch_tokens=40) == [1, 1, 1, 1]  # half of one: all 4 may keep

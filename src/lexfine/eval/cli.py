@@ -24,9 +24,14 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write <out>/eval/<task>-<mode>/. Default: the run "
                                        "directory (its manifest is updated), or ./evals/<model> for a model."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N cases (a seeded random subset)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Cases per forward pass (length-sorted)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Cases per forward pass (length-"
+                                             "sorted). Default: 64 for loglik on a GPU, else 8."),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=64, help="Also cap a batch at "
-                                                   "this many padded tokens (short cases then share larger batches)."),
+                                                   "this many padded tokens (short cases then share larger batches). "
+                                                   "Default for loglik: 32768 on a GPU, 4096 on a CPU."),
+    compile: bool = typer.Option(False, "--compile", help="loglik: score in one packed pass through "
+                                 "torch.compile'd decoder layers (8B on an H100: 1.37x the default's tokens/s once "
+                                 "compiled; the compile time comes on top)."),
     split: Optional[str] = typer.Option(None, "--split", help="SJP: train, validation, test or all (default: test "
                                         "on the hub, all rows of a local file). LEXam: the hub split (test)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=32, help="Context limit; longer facts are "
@@ -59,7 +64,7 @@ def eval_command(
         raise typer.Exit(2)
 
 
-def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, split, max_length, base, backend, max_new_tokens,
+def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, compile, split, max_length, base, backend, max_new_tokens,
          prompt_template, system_prompt, seed, with_base, no_cache, quiet) -> None:
     from lexfine.config import DataArgs
     from lexfine.eval.runner import evaluate
@@ -85,7 +90,7 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, spl
         summary = evaluate(target, name, mode, data=data, out=out, limit=limit, batch_size=batch_size,
                            max_length=max_length, split=split, base=base, backend=backend,
                            max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
-                           progress=not quiet, max_batch_tokens=max_batch_tokens)
+                           progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile)
         if summary:  # empty on the other ranks of a data-parallel launch: rank 0 reports
             typer.echo(_line(summary), err=True)
             paths.append(summary["summary_path"])
@@ -93,7 +98,7 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, spl
             _record_base(target, name, mode, base, dict(
                 data=data, limit=limit, batch_size=batch_size, max_length=max_length, split=split, backend=backend,
                 max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
-                progress=not quiet, max_batch_tokens=max_batch_tokens))
+                progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile))
     for p in paths:
         typer.echo(p)
 

@@ -132,6 +132,14 @@ def lora_config(cfg: RunConfig):
                       use_rslora=lc.use_rslora, use_dora=lc.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
+def weights_dtype(cfg):
+    """The dtype training loads the weights in: fp32 master weights for full fine-tuning (bf16 autocast does the
+    compute; bf16 weights would round away small updates), else the model_args dtype (None: as configured)."""
+    import torch
+
+    return torch.float32 if cfg.method == "full" and cfg.model_args.dtype == "auto" else None
+
+
 def check_lora_targets(model, target_modules) -> None:
     """A typo in target_modules would otherwise train nothing (or fail deep inside PEFT)."""
     if target_modules == "all-linear":
@@ -185,9 +193,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         rd.update_manifest(data=stats.as_dict())
         log.info("data: %d examples, %d truncated (facts cut)", stats.n, stats.truncated)
 
-    dtype = None
-    if cfg.method == "full" and cfg.model_args.dtype == "auto":
-        dtype = torch.float32  # master weights in fp32; bf16 autocast does the compute
+    dtype = weights_dtype(cfg)
     device = None
     if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes

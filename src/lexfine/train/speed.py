@@ -1,7 +1,8 @@
 """Speed levers that change how a step is computed, never what it computes.
 
 - fused xIELU (Apertus's activation, lexfine.kernels.xielu);
-- selective activation checkpointing: only a fraction of the decoder layers recompute their activations;
+- selective activation checkpointing: only a fraction of the decoder layers recompute their activations, and a batch
+  with fewer tokens than a full one recomputes proportionally fewer (adaptive checkpointing);
 - compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile.
 
 Each is measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from transformers import TrainerCallback
 
 log = logging.getLogger("lexfine.train")
@@ -19,8 +21,6 @@ log = logging.getLogger("lexfine.train")
 def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     """Apply the levers `cfg.train` asks for to `model` (before PEFT wraps it); returns the Trainer callbacks they
     need and what was applied (recorded in the run's manifest)."""
-    import torch
-
     t = cfg.train
     cuda = torch.cuda.is_available()
     backend = "inductor" if cuda else "aot_eager"
@@ -39,8 +39,10 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
             log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
             fraction = 1.0
         else:
-            callbacks.append(SelectiveCheckpointing(fraction))
-    applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction}
+            full_batch = t.batch_size * t.max_length if t.adaptive_checkpointing else None
+            callbacks.append(SelectiveCheckpointing(fraction, full_batch_tokens=full_batch))
+    applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
+               "adaptive_checkpointing": bool(t.adaptive_checkpointing and 0 < fraction < 1)}
     return callbacks, applied
 
 
@@ -53,24 +55,75 @@ def decoder_layers(model) -> list:
 
 def checkpointed_indices(n_layers: int, fraction: float) -> set[int]:
     """round(fraction * n) layer indices, spread evenly over the stack (0 included when any)."""
-    k = round(fraction * n_layers)
+    return spread(n_layers, round(fraction * n_layers))
+
+
+def spread(n_layers: int, k: int) -> set[int]:
+    """k of n_layers layer indices, spread evenly over the stack (0 included when k > 0)."""
     return {i * n_layers // k for i in range(k)} if k else set()
+
+
+def layers_to_checkpoint(n_layers: int, at_full_batch: int, tokens: int, full_batch_tokens: int) -> int:
+    """How many layers a batch of `tokens` (batch x padded length) checkpoints so that the activations it keeps stay
+    within those of a full batch with `at_full_batch` layers checkpointed.
+
+    A layer that keeps its activations stores about `a` bytes per token, a checkpointed one only its input (a small
+    fraction of `a`, left out here, which errs on the side of checkpointing more). A full batch keeps
+    (n - k0) * a * T_full; a batch of T tokens may keep floor((n - k0) * T_full / T) layers."""
+    if tokens >= full_batch_tokens:
+        return at_full_batch
+    kept = min(n_layers, (n_layers - at_full_batch) * full_batch_tokens // max(tokens, 1))
+    return n_layers - kept
 
 
 class SelectiveCheckpointing(TrainerCallback):
     """The Trainer switches checkpointing on for every layer before `on_train_begin`; this keeps it on for a
-    fraction of them. Works with any transformers 5.x (newer ones also offer `every_n_layers`)."""
+    fraction of them. Works with any transformers 5.x (newer ones also offer `every_n_layers`).
 
-    def __init__(self, fraction: float):
+    With `full_batch_tokens` (adaptive): `fraction` holds for a full batch (batch_size x max_length tokens); a
+    forward pre-hook on the decoder stack reads each training batch's size and checkpoints fewer layers for a
+    shorter batch (layers_to_checkpoint), so the peak stays that of a full batch while most steps recompute less.
+    """
+
+    def __init__(self, fraction: float, full_batch_tokens: int | None = None):
         self.fraction = fraction
+        self.full_batch_tokens = full_batch_tokens
+        self.layers: list = []
+        self.at_full_batch = 0
+        self.counted = [0, 0]  # batches, checkpointed layers over them
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        layers = decoder_layers(model)
-        keep = checkpointed_indices(len(layers), self.fraction)
-        for i, layer in enumerate(layers):
-            if getattr(layer, "gradient_checkpointing", False) and i not in keep:
-                layer.gradient_checkpointing = False
-        log.info("activation checkpointing on %d of %d decoder layers", len(keep), len(layers))
+        self.layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
+        self.at_full_batch = round(self.fraction * len(self.layers))
+        self.checkpoint(self.at_full_batch)
+        log.info("activation checkpointing on %d of %d decoder layers%s", self.at_full_batch, len(self.layers),
+                 " at a full batch, fewer on shorter batches" if self.full_batch_tokens else "")
+        if self.full_batch_tokens and self.layers:
+            stack = next(m for m in model.modules()
+                         if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
+                         and any(x is self.layers[0] for x in m.layers))
+            stack.register_forward_pre_hook(self.per_batch, with_kwargs=True)
+
+    def checkpoint(self, k: int) -> None:
+        keep = spread(len(self.layers), k)
+        for i, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = i in keep
+
+    def per_batch(self, module, args, kwargs):
+        if not module.training:
+            return
+        x = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]) if v is not None), None)
+        if x is None:
+            return
+        k = layers_to_checkpoint(len(self.layers), self.at_full_batch, x.shape[0] * x.shape[1], self.full_batch_tokens)
+        self.checkpoint(k)
+        self.counted[0] += 1
+        self.counted[1] += k
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.full_batch_tokens and self.counted[0]:
+            log.info("adaptive checkpointing: %.1f of %d layers checkpointed per batch on average",
+                     self.counted[1] / self.counted[0], len(self.layers))
 
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:
@@ -80,10 +133,10 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
 
     layers = decoder_layers(model)
     # Layers differ in constants Dynamo may guard on (layer_idx, sliding windows): allow one entry per layer and
-    # a few shape variants, instead of falling back to eager after the default limit of 8.
+    # a few shape variants (and, where the checkpoint runs inside the compiled call, checkpointed or not), instead of falling back to eager after the default limit of 8.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(layers) + 8))
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers) + 8))
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)

@@ -129,12 +129,15 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
     args.report_to = []
     marks = []
 
+    from torch._dynamo.utils import counters
+
     class Clock(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "num_tokens" in logs:
                 if cuda:
                     torch.cuda.synchronize()
-                marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
+                marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"]),
+                              counters["stats"]["unique_graphs"]))  # graphs compiled so far in this process
 
     class InOrder(SFTTrainer):  # the batch order is built above (length grouping included): read it as is
         def _get_train_sampler(self, *args, **kwargs):
@@ -155,8 +158,13 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
            "peak_gib": round(peak, 1), "error": err}
     if not err:
         w = [m for m in marks if m[0] >= warmup]
-        (s0, t0, k0), (s1, t1, k1) = w[0], w[-1]
+        (s0, t0, k0, _), (s1, t1, k1, _) = w[0], w[-1]
         tokens_per_s = (k1 - k0) / (t1 - t0)
+        # steps in the window during which Dynamo compiled a graph (a new shape, or the first compiled row)
+        steps = list(zip(w, w[1:]))
+        quiet = [(b[2] - a[2], b[1] - a[1]) for a, b in steps if b[3] == a[3]]
+        compiling = len(steps) - len(quiet)
+        tps_quiet = sum(k for k, _ in quiet) / sum(t for _, t in quiet) if quiet else None
         # attention FLOPs: per token 12*L*d*s, with s the mean sequence length weighted by tokens
         lengths = [n for b in batches[warmup:] for n in b]  # the measured steps' sequences
         s_mean = sum(x * x for x in lengths) / sum(lengths)
@@ -168,7 +176,9 @@ def run_row(label: str, overrides: dict, base: list[str], steps: int, warmup: in
             row.update(ckpt_layers_mean=round(sc.counted[1] / sc.counted[0], 2))
         row.update(step_times=[round(b[1] - a[1], 3) for a, b in zip(marks, marks[1:])])
         row.update(tokens_per_s=round(tokens_per_s, 1), step_s=round((t1 - t0) / (s1 - s0), 3),
-                   mfu=round(tokens_per_s * per_token / peak_flops, 3) if peak_flops else None)
+                   mfu=round(tokens_per_s * per_token / peak_flops, 3) if peak_flops else None,
+                   compiling_steps=compiling,
+                   tokens_per_s_no_compile=round(tps_quiet, 1) if tps_quiet and compiling else None)
     del trainer, model
     gc.collect()
     if cuda:
@@ -204,14 +214,19 @@ def main() -> None:
         print("ROW", json.dumps(results[-1]), flush=True)
     ref = results[0].get("tokens_per_s")
     print(f"\n{a.model} {a.method} on {device}; {a.steps} measured steps after {a.warmup} warm-up")
-    print(f"{'setup':58} {'batch':>5} {'ckpt':>6} {'tok/s':>9} {'x ref':>6} {'s/step':>7} {'MFU':>6} {'peak GiB':>9}")
+    print(f"{'setup':58} {'batch':>5} {'ckpt':>6} {'tok/s':>9} {'x ref':>6} {'s/step':>7} {'MFU':>6} {'peak GiB':>9}"
+          f"  compiling steps")
     for r in results:
         tps = r.get("tokens_per_s")
         ratio = f"{tps / ref:.2f}" if tps and ref else "-"
         ckpt = f"{r['ckpt']:.3g}{'a' if r['adaptive'] else ''}"
         print(f"{r['setup'][:58]:58} {r['batch']:>5} {ckpt:>6} {tps or r['error']!s:>9} {ratio:>6} "
-              f"{r.get('step_s', '-')!s:>7} {r.get('mfu') or '-'!s:>6} {r['peak_gib']:>9}")
+              f"{r.get('step_s', '-')!s:>7} {r.get('mfu') or '-'!s:>6} {r['peak_gib']:>9}  "
+              + (f"{r['compiling_steps']} (without them: {r['tokens_per_s_no_compile']} tok/s)"
+                 if r.get("compiling_steps") else "0"))
     print("ckpt: fraction of the layers checkpointed; 'a': adaptive (that fraction at a full batch, fewer on shorter)")
+    print("compiling steps: measured steps in which torch.compile built a graph (not steady state); a compiled row\n"
+          "that compiles inside the window is best re-run after another compiled row in the same process")
     if a.out:
         a.out.write_text(json.dumps({"device": device, "model": a.model, "rows": results}, indent=2))
 

@@ -179,7 +179,8 @@ ID_EXCLUDE = {
     "eval_options": True,
     "launch": True,
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
-              "checkpoint_fraction", "adaptive_checkpointing", "compile_layers"},  # speed knobs: same training, same run
+              # speed knobs: same training, same run
+              "checkpoint_fraction", "adaptive_checkpointing", "compile_layers"},
 }
 
 

@@ -132,8 +132,9 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     import torch._dynamo
 
     layers = decoder_layers(model)
-    # Layers differ in constants Dynamo may guard on (layer_idx, sliding windows): allow one entry per layer and
-    # a few shape variants (and, where the checkpoint runs inside the compiled call, checkpointed or not), instead of falling back to eager after the default limit of 8.
+    # Layers differ in constants Dynamo may guard on (layer_idx, sliding windows): allow one entry per layer and a
+    # few shape variants (checkpointed or not, where the checkpoint runs inside the compiled call), instead of
+    # falling back to eager after the default limit of 8.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers) + 8))

@@ -59,3 +59,19 @@ def test_adaptive_checkpointing_recomputes_fewer_layers_on_shorter_batches():
     assert forward_calls_per_layer(0.5, full_batch_tokens=20) == [2, 1, 2, 1]  # a full batch
     assert forward_calls_per_layer(0.5, full_batch_tokens=30) == [2, 1, 1, 1]  # 2/3 of one: 3 layers may keep
     assert forward_calls_per_layer(0.5, full_batch_tokens=40) == [1, 1, 1, 1]  # half of one: all 4 may keep
+
+
+@pytest.mark.parametrize("strategy,adaptive", [("none", True), ("ddp", True), ("zero2", True), ("zero3", False)])
+def test_adaptive_checkpointing_is_off_where_zero3_traces_the_module_order(strategy, adaptive):
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    from lexfine.config import build_config
+    from lexfine.train.speed import apply_speed_levers
+
+    cfg = build_config({}, ["model=smollm2-135m", "train.checkpoint_fraction=0.5", "train.compile_layers=false",
+                            f"launch.strategy={strategy}"])
+    model = ApertusForCausalLM(ApertusConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128))
+    callbacks, applied = apply_speed_levers(cfg, model)
+    assert applied["adaptive_checkpointing"] is adaptive
+    assert [c.full_batch_tokens is not None for c in callbacks] == [adaptive]

@@ -33,16 +33,19 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     if compile_layers:
         log.info("compiling %d decoder layers with torch.compile", compile_decoder_layers(model, backend=backend))
     fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
+    # ZeRO-3 prefetches parameters in the module order it traced; checkpointing other layers from step to step
+    # would change that order every step (and invalidate the trace), so there the same layers recompute each step.
+    adaptive = t.adaptive_checkpointing and 0 < fraction < 1 and cfg.launch.strategy in ("none", "ddp", "zero2")
     callbacks = []
     if t.gradient_checkpointing and fraction < 1:
         if cfg.launch.strategy == "fsdp2":  # FSDP2's own activation checkpointing wraps every layer
             log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
             fraction = 1.0
         else:
-            full_batch = t.batch_size * t.max_length if t.adaptive_checkpointing else None
-            callbacks.append(SelectiveCheckpointing(fraction, full_batch_tokens=full_batch))
+            callbacks.append(SelectiveCheckpointing(fraction, full_batch_tokens=t.batch_size * t.max_length
+                                                    if adaptive else None))
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
-               "adaptive_checkpointing": bool(t.adaptive_checkpointing and 0 < fraction < 1)}
+               "adaptive_checkpointing": adaptive}
     return callbacks, applied
 
 

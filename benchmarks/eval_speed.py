@@ -114,6 +114,7 @@ def main(argv=None) -> int:
 
     strategies = [x.strip() for x in a.strategies.split(",") if x.strip()]
     rows = []
+    warm_s: dict[str, float] = {}  # warm-up seconds per task and strategy (compilation included), not in the rows
     from lexfine.train.speed import compile_decoder_layers, uncompile_decoder_layers
 
     def use(strat: str) -> str:
@@ -128,8 +129,9 @@ def main(argv=None) -> int:
     for strat in strategies:
         try:
             base = use(strat)
-            # warm-up (kernels, compile, allocator) on a long and a short batch
-            score_cases(model, cases[:4] + cases[-4:], 4, pad, progress=False, strategy=base)
+            # warm-up (kernels, compile, allocator) on a long and a short batch, timed apart
+            _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(model, cases[:4] + cases[-4:], 4, pad,
+                                                                    progress=False, strategy=base))
             _, ll_s = _timed(lambda: score_cases(model, cases, bs, pad, progress=sys.stderr.isatty(), desc="loglik",
                                                  max_batch_tokens=mbt, strategy=base))
             _report(rows, (f"SJP loglik {strat} (1 prompt pass)", len(cases), mean_tokens, ll_s))
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     for strat in strategies:
         try:
             base = use(strat)
+            _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(model, lex_cases[:4] + lex_cases[-4:], 4, pad,
+                                                                      progress=False, strategy=base))
             _, lex_s = _timed(lambda: score_cases(model, lex_cases, bs, pad, progress=sys.stderr.isatty(), desc="lexam",
                                                   max_batch_tokens=mbt, strategy=base))
             _report(rows, (f"LEXam MCQ-4 loglik {strat}", len(lex_cases),
@@ -180,12 +184,14 @@ def main(argv=None) -> int:
           f"(target < 10 min on one H100); LEXam MCQ-4 ({LEXAM_MCQ4}) loglik {proj_lex:.0f} s (target < 60 s)")
     summary = {"model": model_spec, "device": dev_name, "dtype": dtype, "batch_size": bs, "max_batch_tokens": mbt, "gen_batch_size": gbs, "max_length": max_length,
                "phases": results, "projected_sjp_test_min": proj_sjp / 60, "projected_lexam_mcq4_s": proj_lex,
-               "peak_gib_loglik": peak_ll}
+               "peak_gib_loglik": peak_ll, "warmup_s": warm_s}
     gen = [r for r in results if r["phase"].startswith("SJP generate")]
     if gen:
         ratio = best["cases_per_s"] / gen[0]["cases_per_s"]
         summary["loglik_vs_generate_speedup"] = ratio
         print(f"loglik ({best['phase']}) vs generate: {ratio:.2f}x the cases/s")
+    print("warm-up before each timed phase (8 cases; compilation included, not in the rates above): "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in warm_s.items()))
     if peak_ll is not None:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if a.json:

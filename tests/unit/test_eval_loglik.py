@@ -148,3 +148,20 @@ def test_token_budget_batches():
     # at most 2000 padded tokens: the two long ones together, the short ones in a larger batch
     assert length_batches(lengths, 8, max_tokens=2000) == [[3, 1], [0, 5, 4, 2]]
     assert length_batches(lengths, 3, max_tokens=2000) == [[3, 1], [0, 5, 4], [2]]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "packed", "cached"])
+def test_attention_without_4d_masks_scores_one_row_per_candidate(tiny, monkeypatch, strategy):
+    """flash-attention ignores a custom 4D mask (candidates would see each other): such models fall back to one row
+    per candidate, which needs no 4D mask. Simulated by reporting flash_attention_2 for the tiny sdpa model."""
+    import lexfine.eval.loglik as ll
+
+    used = []
+    real = ll._score_expanded
+    monkeypatch.setattr(ll, "_attn_impl", lambda model: "flash_attention_2")
+    monkeypatch.setattr(ll, "_score_expanded", lambda *a: used.append(1) or real(*a))
+    cases = _cases()
+    got = score_cases(tiny, cases, batch_size=4, progress=False, strategy=strategy)
+    assert used
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(tiny, case), abs=1e-4)

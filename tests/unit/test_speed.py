@@ -75,3 +75,23 @@ def test_adaptive_checkpointing_is_off_where_zero3_traces_the_module_order(strat
     callbacks, applied = apply_speed_levers(cfg, model)
     assert applied["adaptive_checkpointing"] is adaptive
     assert [c.full_batch_tokens is not None for c in callbacks] == [adaptive]
+
+
+def test_adaptive_checkpointing_finds_a_stack_not_named_layers_and_removes_its_hook():
+    """GPT-2 keeps its blocks in `transformer.h`; the pre-hook goes on the module holding them, and training's end
+    removes it (a second train() must not stack hooks)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert len(decoder_layers(model)) == 4
+    cb = SelectiveCheckpointing(0.5, full_batch_tokens=40)
+    for _ in range(2):
+        cb.on_train_begin(None, None, None, model=model)
+        assert len(model.transformer._forward_pre_hooks) == 1
+        ids = torch.randint(0, 128, (2, 10))  # half a full batch: every layer may keep its activations
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [False] * 4
+        assert cb.counted == [1, 0]
+        cb.on_train_end(None, None, None)
+        assert not model.transformer._forward_pre_hooks

@@ -98,3 +98,25 @@ def test_status_table(sweep_file, tmp_path, monkeypatch):
     assert "pending" in second and "1003 (+1004)" in second
     res = runner.invoke(app, ["sweep", "status", str(sweep_file), "--no-slurm"])
     assert res.exit_code == 0 and "2 runs: 1 completed, 1 planned" in res.output
+
+
+def test_eval_job_arguments_parse_with_and_without_a_batch_size():
+    """Separate eval jobs (local subprocesses, SLURM) get `lexfine eval` arguments the CLI accepts; without
+    eval_options.batch_size the device's default applies (no `--batch-size None`)."""
+    from lexfine.config import build_config
+    from lexfine.eval.cli import eval_command
+    from lexfine.sweep.local import eval_args
+
+    for extra, expected in (([], None), (["eval_options.batch_size=16"], 16)):
+        args = eval_args(build_config({}, ["model=smollm2-135m", "eval=[sjp]", *extra]), "sjp")
+        assert "None" not in args
+        ctx = typer_main(eval_command).make_context("eval", ["RUN", *args])
+        assert ctx.params["batch_size"] == expected and ctx.params["task"] == "sjp"
+
+
+def typer_main(fn):
+    import typer
+
+    one = typer.Typer(add_completion=False)
+    one.command()(fn)
+    return typer.main.get_command(one)  # a single command: the click command itself

@@ -241,6 +241,9 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
         # The maskless prompt pass lets SDPA use its fastest kernel: 15% more tokens/s than packed for the 8B Apertus
         # on an H200, 1.3x on a 2-core CPU with SmolLM2 at ~1.2k tokens (benchmarks/eval_speed.py, 2026-11-23).
         strategy = "cached"
+    if strategy in ("packed", "cached") and _attn_impl(model) not in MASK_4D_IMPLEMENTATIONS:
+        # flash-attention ignores a custom 4D mask: candidates would see each other. One row per candidate instead.
+        strategy = "expanded"
     if max_batch_tokens is None and device.type == "cpu":
         # A CPU gains nothing from batching long rows, and padding them to the batch's longest is pure waste:
         # capping the padded tokens doubled SJP scoring speed there (237 -> 504 tokens/s).

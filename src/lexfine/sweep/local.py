@@ -124,7 +124,9 @@ def eval_args(cfg: RunConfig, entry: str) -> list[str]:
     task, mode = split_entry(cfg, entry)
     opts = cfg.eval_options
     data, split = (opts.sjp_data, opts.sjp_split) if task == "sjp" else (opts.lexam_data, None)
-    args = ["--task", task, "--mode", mode, "--batch-size", str(opts.batch_size)]
+    args = ["--task", task, "--mode", mode]
+    if opts.batch_size:  # else the device's default
+        args += ["--batch-size", str(opts.batch_size)]
     if data:
         args += ["--data", data]
     if split:

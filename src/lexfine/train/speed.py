@@ -56,6 +56,16 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def decoder_stack(model, first_layer):
+    """The module whose ModuleList child holds the decoder layers (`model.layers`, GPT-2's `transformer.h`, ...):
+    it is called once per forward with the batch's input ids or embeddings. None if there is none."""
+    for m in model.modules():
+        for child in m.children():
+            if isinstance(child, torch.nn.ModuleList) and any(x is first_layer for x in child):
+                return m
+    return None
+
+
 def checkpointed_indices(n_layers: int, fraction: float) -> set[int]:
     """round(fraction * n) layer indices, spread evenly over the stack (0 included when any)."""
     return spread(n_layers, round(fraction * n_layers))
@@ -94,18 +104,21 @@ class SelectiveCheckpointing(TrainerCallback):
         self.layers: list = []
         self.at_full_batch = 0
         self.counted = [0, 0]  # batches, checkpointed layers over them
+        self.hook = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
         self.at_full_batch = round(self.fraction * len(self.layers))
         self.checkpoint(self.at_full_batch)
+        self.counted = [0, 0]
+        stack = decoder_stack(model, self.layers[0]) if self.full_batch_tokens and self.layers else None
+        if self.full_batch_tokens and stack is None:
+            log.warning("adaptive checkpointing off: no module holds the decoder layers in a ModuleList")
+            self.full_batch_tokens = None
+        if stack is not None:
+            self.hook = stack.register_forward_pre_hook(self.per_batch, with_kwargs=True)
         log.info("activation checkpointing on %d of %d decoder layers%s", self.at_full_batch, len(self.layers),
                  " at a full batch, fewer on shorter batches" if self.full_batch_tokens else "")
-        if self.full_batch_tokens and self.layers:
-            stack = next(m for m in model.modules()
-                         if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
-                         and any(x is self.layers[0] for x in m.layers))
-            stack.register_forward_pre_hook(self.per_batch, with_kwargs=True)
 
     def checkpoint(self, k: int) -> None:
         keep = spread(len(self.layers), k)
@@ -124,6 +137,11 @@ class SelectiveCheckpointing(TrainerCallback):
         self.counted[1] += k
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        for layer in self.layers:  # as the Trainer left them: a later train() starts from the same state
+            layer.gradient_checkpointing = True
         if self.full_batch_tokens and self.counted[0]:
             log.info("adaptive checkpointing: %.1f of %d layers checkpointed per batch on average",
                      self.counted[1] / self.counted[0], len(self.layers))

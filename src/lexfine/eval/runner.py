@@ -139,9 +139,13 @@ GPU_LOGLIK_BATCH = (64, 32768)
 
 def batch_limits(mode: str, device, batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int | None]:
     """Rows and padded tokens per forward pass where the caller left them unset: GPU_LOGLIK_BATCH for loglik on a
-    GPU, else 8 rows (a CPU also caps the tokens: loglik.CPU_MAX_BATCH_TOKENS)."""
+    GPU; else 8 rows, and for loglik on a CPU at most loglik.CPU_MAX_BATCH_TOKENS padded tokens."""
     if mode == "loglik" and device.type == "cuda":
         return batch_size or GPU_LOGLIK_BATCH[0], max_batch_tokens or GPU_LOGLIK_BATCH[1]
+    if mode == "loglik" and device.type == "cpu":
+        from lexfine.eval.loglik import CPU_MAX_BATCH_TOKENS
+
+        return batch_size or 8, max_batch_tokens or CPU_MAX_BATCH_TOKENS
     return batch_size or 8, max_batch_tokens
 
 
@@ -177,7 +181,8 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
             # The packed pass compiles one graph for all layers; the cached pass's KV-cache update reads the layer
             # index, so it would compile two graphs per layer (minutes for the 8B).
             strategy = "packed"
-            compile_decoder_layers(model, backend="inductor" if model_device(model).type == "cuda" else "aot_eager")
+            compiled = compile_decoder_layers(model, backend="inductor" if model_device(model).type == "cuda"
+                                              else "aot_eager") > 0
         try:
             outs = score_cases(model, [Case(prompts[i], cands) for i in order], batch_size,
                                _pad_id(tokenizer, eot), show, f"{task.name} loglik",

@@ -42,3 +42,13 @@ def test_eval_speed_tiny_prints_the_comparison(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "vs generate" in res.stdout and "projected" in res.stdout
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_multigpu_scaling_mode_times_a_shipped_config_on_one_process(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/multigpu.py"), "--out", str(tmp_path),
+                          "--scaling", str(ROOT / "src/lexfine/configs/quickstart.yaml"), "--model", "smollm2-135m",
+                          "--gpus", "1", "--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("ROW "))[4:])
+    assert row["rc"] == 0 and row["tokens_per_s_per_gpu"] > 0 and row["save_s"] is not None
+    assert "tok/s/GPU" in res.stdout

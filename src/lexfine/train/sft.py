@@ -226,8 +226,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     tmp = out.with_name(out.name + ".tmp")
     if main and tmp.exists():
         shutil.rmtree(tmp)
+    t_save = time.perf_counter()
     trainer.save_model(str(tmp))  # collective under ZeRO-3/FSDP: every rank takes part, rank 0 writes
     trainer.accelerator.wait_for_everyone()
+    save_s = round(time.perf_counter() - t_save, 2)
     if main:
         if cfg.method == "lora":
             from lexfine.train.saved_adapter import adapted_modules, check_saved_adapter
@@ -244,7 +246,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
             "completed", finished=now_iso(), wall_time_s=round(wall, 2), steps=trainer.state.global_step,
             final_loss=rows[-1]["loss"] if rows else None, train_loss_mean=result.training_loss,
             train_tokens=tokens, tokens_per_s=round(tokens / wall, 1) if tokens and wall > 0 else None,
-            output=out.name,
+            output=out.name, save_s=save_s,
             peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         )
         if not cfg.train.keep_checkpoints:

@@ -139,14 +139,14 @@ GPU_LOGLIK_BATCH = (64, 32768)
 
 def batch_limits(mode: str, device, batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int | None]:
     """Rows and padded tokens per forward pass where the caller left them unset: GPU_LOGLIK_BATCH for loglik on a
-    GPU; else 8 rows, and for loglik on a CPU at most loglik.CPU_MAX_BATCH_TOKENS padded tokens."""
-    if mode == "loglik" and device.type == "cuda":
+    GPU; else 8 rows, and for loglik loglik.default_token_cap (a cap on a CPU)."""
+    if mode != "loglik":
+        return batch_size or 8, max_batch_tokens
+    if device.type == "cuda":
         return batch_size or GPU_LOGLIK_BATCH[0], max_batch_tokens or GPU_LOGLIK_BATCH[1]
-    if mode == "loglik" and device.type == "cpu":
-        from lexfine.eval.loglik import CPU_MAX_BATCH_TOKENS
+    from lexfine.eval.loglik import default_token_cap
 
-        return batch_size or 8, max_batch_tokens or CPU_MAX_BATCH_TOKENS
-    return batch_size or 8, max_batch_tokens
+    return batch_size or 8, max_batch_tokens or default_token_cap(device)
 
 
 def model_device(model):

@@ -66,11 +66,6 @@ def decoder_stack(model, first_layer):
     return None
 
 
-def checkpointed_indices(n_layers: int, fraction: float) -> set[int]:
-    """round(fraction * n) layer indices, spread evenly over the stack (0 included when any)."""
-    return spread(n_layers, round(fraction * n_layers))
-
-
 def spread(n_layers: int, k: int) -> set[int]:
     """k of n_layers layer indices, spread evenly over the stack (0 included when k > 0)."""
     return {i * n_layers // k for i in range(k)} if k else set()

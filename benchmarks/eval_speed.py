@@ -115,31 +115,30 @@ def main(argv=None) -> int:
     strategies = [x.strip() for x in a.strategies.split(",") if x.strip()]
     rows = []
     warm_s: dict[str, float] = {}  # warm-up seconds per task and strategy (compilation included), not in the rows
-    from lexfine.train.speed import compile_decoder_layers, uncompile_decoder_layers
+    from contextlib import nullcontext
 
-    def use(strat: str) -> str:
-        """'<strategy>+compiled' runs with torch.compile'd decoder layers (not a lexfine eval default yet)."""
-        base, compiled = strat.split("+")[0], strat.endswith("+compiled")
-        if compiled:
-            compile_decoder_layers(model, backend="inductor" if gpu else "aot_eager")
-        else:
-            uncompile_decoder_layers(model)
-        return base
+    from lexfine.eval.loglik import compiled_layers
+
+    def use(strat: str):
+        """'<strategy>+compiled': scored through torch.compile'd decoder layers (`lexfine eval --compile`).
+        Returns the strategy, the context to score in and score_cases' min_rows."""
+        compiled = strat.endswith("+compiled")
+        return strat.split("+")[0], compiled_layers(model) if compiled else nullcontext(), 2 if compiled else 1
 
     for strat in strategies:
         try:
-            base = use(strat)
-            # warm-up (kernels, compile, allocator) on a long and a short batch, timed apart
-            _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(model, cases[:4] + cases[-4:], 4, pad,
-                                                                    progress=False, strategy=base))
-            _, ll_s = _timed(lambda: score_cases(model, cases, bs, pad, progress=sys.stderr.isatty(), desc="loglik",
-                                                 max_batch_tokens=mbt, strategy=base))
+            base, ctx, rows_min = use(strat)
+            with ctx:
+                # warm-up (kernels, compile, allocator) on a long and a short batch, timed apart
+                _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(model, cases[:4] + cases[-4:], 4, pad,
+                                                                        progress=False, strategy=base, min_rows=rows_min))
+                _, ll_s = _timed(lambda: score_cases(model, cases, bs, pad, progress=sys.stderr.isatty(),
+                                                     desc="loglik", max_batch_tokens=mbt, strategy=base, min_rows=rows_min))
             _report(rows, (f"SJP loglik {strat} (1 prompt pass)", len(cases), mean_tokens, ll_s))
         except Exception as e:  # one strategy failing must not lose the others' numbers
             print(f"strategy {strat} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
     peak_ll = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
 
-    uncompile_decoder_layers(model)
     if not a.no_generate:
         # the baseline in data order (the study's batches); length sorting would be an improvement we made
         def plain_generate():
@@ -153,11 +152,12 @@ def main(argv=None) -> int:
     lex_cases = [Case(p, lex_plan.candidates) for p in lex_prompts]
     for strat in strategies:
         try:
-            base = use(strat)
-            _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(model, lex_cases[:4] + lex_cases[-4:], 4, pad,
-                                                                      progress=False, strategy=base))
-            _, lex_s = _timed(lambda: score_cases(model, lex_cases, bs, pad, progress=sys.stderr.isatty(), desc="lexam",
-                                                  max_batch_tokens=mbt, strategy=base))
+            base, ctx, rows_min = use(strat)
+            with ctx:
+                _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(model, lex_cases[:4] + lex_cases[-4:], 4,
+                                                                          pad, progress=False, strategy=base, min_rows=rows_min))
+                _, lex_s = _timed(lambda: score_cases(model, lex_cases, bs, pad, progress=sys.stderr.isatty(),
+                                                      desc="lexam", max_batch_tokens=mbt, strategy=base, min_rows=rows_min))
             _report(rows, (f"LEXam MCQ-4 loglik {strat}", len(lex_cases),
                            sum(map(len, lex_prompts)) / len(lex_prompts), lex_s))
         except Exception as e:

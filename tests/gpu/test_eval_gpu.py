@@ -25,9 +25,12 @@ def _tiny_args(dtype="bfloat16"):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["packed", "cached"])
-def test_bf16_cuda_scores_match_naive_fp32(strategy):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_cuda_scores_match_naive_fp32(strategy, compiled):
+    from contextlib import nullcontext
+
     from lexfine import models
-    from lexfine.eval.loglik import Case, score_cases
+    from lexfine.eval.loglik import Case, compiled_layers, score_cases
 
     bf16 = models.load_model("random:apertus-8b", _tiny_args()).cuda().eval()
     fp32 = models.load_model("random:apertus-8b", _tiny_args("float32")).cuda().eval()
@@ -35,7 +38,8 @@ def test_bf16_cuda_scores_match_naive_fp32(strategy):
     rand = lambda n: torch.randint(5, 40000, (n,), generator=g).tolist()  # noqa: E731
     cands = [rand(3), rand(5)]
     cases = [Case(rand(n), cands) for n in (40, 300, 7, 129)]
-    got = score_cases(bf16, cases, batch_size=4, progress=False, strategy=strategy)
+    with compiled_layers(bf16) if compiled else nullcontext():  # inductor
+        got = score_cases(bf16, cases, batch_size=4, progress=False, strategy=strategy, min_rows=2 if compiled else 1)
     with torch.no_grad():
         for case, row in zip(cases, got):
             for cand, score in zip(case.candidates, row):

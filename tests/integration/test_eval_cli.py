@@ -93,6 +93,26 @@ def test_compiled_scoring_gives_the_eager_scores(app, tmp_path):
                                           "--limit", 2).output
 
 
+def test_failed_compilation_falls_back_to_eager_scores(app, tmp_path, monkeypatch, caplog):
+    from contextlib import contextmanager
+
+    from lexfine.eval import loglik
+
+    @contextmanager
+    def broken(model, backend=None):
+        raise RuntimeError("inductor cannot lower this")
+        yield 0
+
+    monkeypatch.setattr(loglik, "compiled_layers", broken)
+    common = ["--task", "sjp", "--data", "bundled:sjp_fr_heldout", "--limit", 3, "--max-length", 256, "-q", "--no-cache"]
+    with caplog.at_level("WARNING", logger="lexfine.eval"):
+        s = _summary(run_cli(app, "smollm2-135m", *common, "--compile", "--out", tmp_path))
+    assert s["compiled_layers"] is False and s["n"] == 3
+    assert "compiled scoring failed (RuntimeError: inductor cannot lower this); scoring eagerly" in caplog.text
+    rows = _predictions(tmp_path / "eval" / "sjp-loglik" / "summary.json")
+    assert len(rows) == 3 and all(r["prediction"] in ("approval", "dismissal") for r in rows)
+
+
 def test_lexam_loglik_and_generate_embedded(app, tmp_path):
     s = _summary(run_cli(app, "smollm2-135m", "--task", "lexam_mcq4", "--out", tmp_path, "--limit", 20,
                          "--max-length", 768, "-q"))

@@ -165,3 +165,49 @@ def test_attention_without_4d_masks_scores_one_row_per_candidate(tiny, monkeypat
     assert used
     for case, row in zip(cases, got):
         assert row == pytest.approx(naive(tiny, case), abs=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["cached", "packed"])
+def test_compiled_layers_share_their_graphs_however_deep_the_model(strategy):
+    """Compiled scoring builds the same few graphs for 2 and for 6 decoder layers (the KV-cache update would
+    otherwise compile per layer: minutes for an 8B), keeps the eager scores, and leaves the model as it was."""
+    from lexfine import models
+    from lexfine.eval.loglik import compiled_layers
+
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(5, 40000, (n,), generator=g).tolist()  # noqa: E731
+    cands = [rand(3), rand(5)]
+    cases = [Case(rand(int(n)), cands) for n in torch.randint(5, 60, (9,), generator=g)]  # last batch: one row
+    graphs = {}
+    for depth in (2, 6):
+        model = models.load_model("random:apertus-8b", ModelArgs(arch_overrides={**tiny_arch(),
+                                                                                  "num_hidden_layers": depth})).eval()
+        eager = score_cases(model, cases, batch_size=4, progress=False, strategy=strategy)
+        built = []
+
+        def counting(gm, example_inputs):
+            built.append(gm)
+            return gm.forward
+
+        with compiled_layers(model, backend=counting) as n:
+            got = score_cases(model, cases, batch_size=4, progress=False, strategy=strategy, min_rows=2)
+        assert n == depth and built
+        graphs[depth] = len(built)
+        for e, c in zip(eager, got):
+            assert c == pytest.approx(e, abs=1e-4)
+        assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(depth))
+        assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert graphs[2] == graphs[6]
+
+
+def test_scoring_compiles_by_default_only_on_a_gpu_and_for_large_sets(monkeypatch, tiny):
+    from lexfine.eval import runner
+
+    big = runner.AUTO_COMPILE_TOKENS
+    assert not runner.compile_scoring(None, "loglik", tiny, 10 * big)  # a CPU: never by default
+    assert runner.compile_scoring(True, "loglik", tiny, 1) and not runner.compile_scoring(False, "loglik", tiny, big)
+    assert not runner.compile_scoring(True, "generate", tiny, big)
+    monkeypatch.setattr(runner, "model_device", lambda model: torch.device("cuda"))
+    assert runner.compile_scoring(None, "loglik", tiny, big)
+    assert not runner.compile_scoring(None, "loglik", tiny, big - 1)
+    assert not runner.compile_scoring(False, "loglik", tiny, 10 * big)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from lexfine.eval import cache, dist
 from lexfine.eval.target import Target, resolve_target
 from lexfine.eval.tasks import Task, check_mode, get_task, load_cases
 from lexfine.rundir import atomic_write_json, now_iso, write_jsonl
+
+log = logging.getLogger("lexfine.eval")
 
 HEADLINE = ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "balanced_accuracy", "majority_baseline",
             "chance_level", "parse_failures", "parse_failure_rate")
@@ -55,12 +58,12 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
              batch_size: int | None = None, max_length: int | None = None, split: str | None = None, *, base: str | None = None,
              backend: str = "hf", max_new_tokens: int | None = None, seed: int = 0, use_cache: bool = True,
              write: bool = True, model=None, tokenizer=None, data_args=None, progress: bool = True,
-             max_batch_tokens: int | None = None, compile: bool = False) -> dict:
+             max_batch_tokens: int | None = None, compile: bool | None = None) -> dict:
     """Evaluate `target` (run directory, model spec or Target) on `task`; returns the summary (+ summary_path).
 
     model/tokenizer: an already loaded model (e.g. the one training just finished), or a zero-argument callable
     returning (model, tokenizer), called only when the cache has no answer. Without either, the target is loaded.
-    compile: loglik scoring through torch.compile'd decoder layers (see _run).
+    compile: loglik scoring through torch.compile'd decoder layers; None: on a GPU for large sets (compile_scoring).
     """
     t_task = get_task(task)
     check_mode(mode)
@@ -137,6 +140,23 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
 GPU_LOGLIK_BATCH = (64, 32768)
 
 
+# Compiled decoder layers score the 8B at 1.44x the tokens/s once compiled (37.0k vs 25.8k, H100,
+# benchmarks/eval_speed.py on 1,000 French SJP cases, 2026-11-23); compiling takes ~10 s with a warm inductor cache
+# and ~30-40 s on a fresh machine. Through `lexfine eval` on 2,000 cases (3.35M prompt tokens): 1.19x warm, 0.95x
+# fresh. So by default it compiles from 4M prompt tokens on (break-even on a fresh machine; docs/evaluation.md).
+AUTO_COMPILE_TOKENS = 4_000_000
+
+
+def compile_scoring(compile: bool | None, mode: str, model, prompt_tokens: int) -> bool:
+    """Whether loglik scoring runs through compiled decoder layers: as asked, else (None) on a CUDA GPU when the
+    prompts hold at least AUTO_COMPILE_TOKENS tokens. Never for generate mode."""
+    if mode != "loglik":
+        return False
+    if compile is not None:
+        return compile
+    return model_device(model).type == "cuda" and prompt_tokens >= AUTO_COMPILE_TOKENS
+
+
 def batch_limits(mode: str, device, batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int | None]:
     """Rows and padded tokens per forward pass where the caller left them unset: GPU_LOGLIK_BATCH for loglik on a
     GPU; else 8 rows, and for loglik loglik.default_token_cap (a cap on a CPU)."""
@@ -155,11 +175,12 @@ def model_device(model):
 
 def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length: int, batch_size: int,
          max_new: int | None, backend: str, info_dist, progress: bool,
-         max_batch_tokens: int | None = None, compile: bool = False) -> tuple[list[dict], dict]:
+         max_batch_tokens: int | None = None, compile: bool | None = None) -> tuple[list[dict], dict]:
+    import torch
     from tqdm.auto import tqdm
 
     from lexfine.eval import generate as gen
-    from lexfine.eval.loglik import Case, predict, score_cases
+    from lexfine.eval.loglik import Case, compiled_layers, predict, score_cases
 
     plan = make_plan(tokenizer, task, mode, max_length, max_new)
     eot, cands, labels = plan.eot, plan.candidates, task.labels
@@ -171,25 +192,24 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
         prompts[i], truncated[i] = build_prompt(tokenizer, cases[i].example, plan, tgt.data_args.truncation)
     order = list(prompts)
     # Each data-parallel process holds a full model copy, so processes need not run in lock-step (no batch padding).
-    compiled = compile and mode == "loglik"
+    compiled = compile_scoring(compile, mode, model, sum(map(len, prompts.values())))
     t0 = time.perf_counter()
     if mode == "loglik":
-        from lexfine.train.speed import compile_decoder_layers, uncompile_decoder_layers
-
-        strategy = "auto"
+        score = [Case(prompts[i], cands) for i in order]
+        args = (batch_size, _pad_id(tokenizer, eot), show, f"{task.name} loglik")
+        outs = None
         if compiled:
-            # The packed pass compiles one graph for all layers; the cached pass's KV-cache update reads the layer
-            # index, so it would compile two graphs per layer (minutes for the 8B).
-            strategy = "packed"
-            compiled = compile_decoder_layers(model, backend="inductor" if model_device(model).type == "cuda"
-                                              else "aot_eager") > 0
-        try:
-            outs = score_cases(model, [Case(prompts[i], cands) for i in order], batch_size,
-                               _pad_id(tokenizer, eot), show, f"{task.name} loglik",
-                               max_batch_tokens=max_batch_tokens, strategy=strategy)
-        finally:
-            if compiled:
-                uncompile_decoder_layers(model)
+            try:
+                with compiled_layers(model) as n_layers:
+                    outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens, min_rows=2)
+                compiled = n_layers > 0
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # torch.compile cannot handle this model: the eager scores are the same
+                log.warning("compiled scoring failed (%s: %s); scoring eagerly", type(e).__name__, str(e)[:300])
+                compiled = False
+        if outs is None:
+            outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens)
     elif backend == "vllm":
         outs = _vllm(tgt, tokenizer, [prompts[i] for i in order], max_new, gen.stop_ids(tokenizer, eot), max_length)
     else:

@@ -42,6 +42,7 @@ def patch_xielu(model, backend: str = "inductor") -> int:
         from transformers.activations import XIELUActivation
     except ImportError:
         return 0
+    compiled_xielu(backend)  # built now: created while a compiled layer is traced, it would cost a recompile
     n = 0
     for module in model.modules():
         if isinstance(module, XIELUActivation) and getattr(module, "_xielu_cuda_obj", None) is None:

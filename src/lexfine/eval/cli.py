@@ -31,7 +31,7 @@ def eval_command(
                                                    "Default for loglik: 32768 on a GPU, 4096 on a CPU."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="loglik: score through "
                                            "torch.compile'd decoder layers (8B on an H100: 1.44x the tokens/s once "
-                                           "compiled, 10-30 s to compile). Default: on with a GPU from 4M prompt "
+                                           "compiled, 10-40 s to compile). Default: on with a GPU from 4M prompt "
                                            "tokens (~2,400 SJP cases) on."),
     split: Optional[str] = typer.Option(None, "--split", help="SJP: train, validation, test or all (default: test "
                                         "on the hub, all rows of a local file). LEXam: the hub split (test)."),

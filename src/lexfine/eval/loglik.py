@@ -196,7 +196,7 @@ class CacheUpdatedOutsideGraphs(DynamicCache):
     def __init__(self, config):
         super().__init__(config=config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.n_layers = text.num_hidden_layers
+        self.n_layers = getattr(text, "num_hidden_layers", None)
         self.calls = 0
 
     @torch.compiler.disable
@@ -221,8 +221,9 @@ def compiled_layers(model, backend: str | None = None):
 
     backend = backend or ("inductor" if next(model.parameters()).device.type == "cuda" else "aot_eager")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    indexed = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    hidden = sorted(m.layer_idx for m in indexed) == list(range(config.num_hidden_layers))
+    indexed = [m for layer in decoder_layers(model) for m in layer.modules()
+               if isinstance(getattr(m, "layer_idx", None), int)]
+    hidden = sorted(m.layer_idx for m in indexed) == list(range(getattr(config, "num_hidden_layers", -1)))
     saved = [(m, m.layer_idx) for m in indexed] if hidden else []
     for m, _ in saved:
         m.layer_idx = None

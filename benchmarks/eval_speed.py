@@ -130,10 +130,11 @@ def main(argv=None) -> int:
             base, ctx, rows_min = use(strat)
             with ctx:
                 # warm-up (kernels, compile, allocator) on a long and a short batch, timed apart
-                _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(model, cases[:4] + cases[-4:], 4, pad,
-                                                                        progress=False, strategy=base, min_rows=rows_min))
-                _, ll_s = _timed(lambda: score_cases(model, cases, bs, pad, progress=sys.stderr.isatty(),
-                                                     desc="loglik", max_batch_tokens=mbt, strategy=base, min_rows=rows_min))
+                _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(
+                    model, cases[:4] + cases[-4:], 4, pad, progress=False, strategy=base, min_rows=rows_min))
+                _, ll_s = _timed(lambda: score_cases(
+                    model, cases, bs, pad, progress=sys.stderr.isatty(), desc="loglik", max_batch_tokens=mbt,
+                    strategy=base, min_rows=rows_min))
             _report(rows, (f"SJP loglik {strat} (1 prompt pass)", len(cases), mean_tokens, ll_s))
         except Exception as e:  # one strategy failing must not lose the others' numbers
             print(f"strategy {strat} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
@@ -154,10 +155,11 @@ def main(argv=None) -> int:
         try:
             base, ctx, rows_min = use(strat)
             with ctx:
-                _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(model, lex_cases[:4] + lex_cases[-4:], 4,
-                                                                          pad, progress=False, strategy=base, min_rows=rows_min))
-                _, lex_s = _timed(lambda: score_cases(model, lex_cases, bs, pad, progress=sys.stderr.isatty(),
-                                                      desc="lexam", max_batch_tokens=mbt, strategy=base, min_rows=rows_min))
+                _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(
+                    model, lex_cases[:4] + lex_cases[-4:], 4, pad, progress=False, strategy=base, min_rows=rows_min))
+                _, lex_s = _timed(lambda: score_cases(
+                    model, lex_cases, bs, pad, progress=sys.stderr.isatty(), desc="lexam", max_batch_tokens=mbt,
+                    strategy=base, min_rows=rows_min))
             _report(rows, (f"LEXam MCQ-4 loglik {strat}", len(lex_cases),
                            sum(map(len, lex_prompts)) / len(lex_prompts), lex_s))
         except Exception as e:

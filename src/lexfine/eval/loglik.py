@@ -185,6 +185,11 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[l
     return scores
 
 
+def _num_layers(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
 class CacheUpdatedOutsideGraphs(DynamicCache):
     """A DynamicCache whose update runs eagerly, between compiled graphs, and that knows which layer calls it.
 
@@ -195,8 +200,7 @@ class CacheUpdatedOutsideGraphs(DynamicCache):
 
     def __init__(self, config):
         super().__init__(config=config)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.n_layers = getattr(text, "num_hidden_layers", None)
+        self.n_layers = _num_layers(config)
         self.calls = 0
 
     @torch.compiler.disable
@@ -220,10 +224,9 @@ def compiled_layers(model, backend: str | None = None):
     from lexfine.train.speed import compile_decoder_layers, decoder_layers, uncompile_decoder_layers
 
     backend = backend or ("inductor" if next(model.parameters()).device.type == "cuda" else "aot_eager")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     indexed = [m for layer in decoder_layers(model) for m in layer.modules()
                if isinstance(getattr(m, "layer_idx", None), int)]
-    hidden = sorted(m.layer_idx for m in indexed) == list(range(getattr(config, "num_hidden_layers", -1)))
+    hidden = sorted(m.layer_idx for m in indexed) == list(range(_num_layers(model.config) or 0))
     saved = [(m, m.layer_idx) for m in indexed] if hidden else []
     for m, _ in saved:
         m.layer_idx = None

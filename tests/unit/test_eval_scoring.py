@@ -64,3 +64,16 @@ def test_lexam_letters_are_single_tokens_so_both_variants_coincide(smollm_tokeni
 def test_generate_mode_has_no_scoring_variants():
     s = build_summary(SJP, "generate", [{"gold": "approval", "prediction": None, "language": "fr"}])
     assert "length_normalized" not in s and "headline_scoring" not in s
+
+
+def test_manifest_headline_and_cli_line_carry_the_length_normalised_numbers(smollm_tokenizer):
+    from lexfine.eval.cli import _line
+    from lexfine.eval.runner import headline
+
+    plan, n = _tokens(smollm_tokenizer, SJP)
+    rows = [_row("dismissal", [-5.0, -4.5], plan.candidates), _row("approval", [-8.0, -2.0], plan.candidates)]
+    s = build_summary(SJP, "loglik", rows, n)
+    h = headline(s)
+    assert h["headline_scoring"] == "sum" and h["accuracy"] == 0.5
+    assert h["length_normalized"] == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert "(per token: accuracy=1.0000 macro_f1=1.0000)" in _line(s)

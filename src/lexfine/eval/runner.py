@@ -27,7 +27,12 @@ HEADLINE = ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "bala
 
 
 def headline(summary: dict) -> dict:
-    return {k: summary.get(k) for k in HEADLINE}
+    """The manifest's copy of a summary: HEADLINE keys, plus the length-normalised loglik accuracy and macro-F1."""
+    out = {k: summary.get(k) for k in HEADLINE}
+    ln = summary.get("length_normalized")
+    if ln:
+        out["length_normalized"] = {k: ln.get(k) for k in ("accuracy", "macro_f1")}
+    return out
 
 
 def candidate_ids(tokenizer, task: Task, eot: list[int]) -> tuple[list[list[int]], str]:

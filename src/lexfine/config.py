@@ -62,11 +62,12 @@ class DataArgs(Section):
     hub_config: str | None = None
     """Hub dataset config (SJP: de, fr, it or all; default all)."""
     split: Literal["train", "validation", "test", "all"] = "train"
-    """Which split. For SJP it is the official year split (train 2000-2014, validation 2015-16, test 2017-20)."""
+    """Which split. For SJP it is the official year split (train 2000-2014, validation 2015-16, test 2017-20);
+    local rows without a year are refused unless the split is `all`."""
     languages: list[str] | None = None
     """Keep only these languages (SJP `language` column), e.g. [de, fr]."""
     years: list[int] | None = None
-    """Keep only these years (overrides the split's years)."""
+    """Keep only these years (overrides the split's years; rows without a year are then refused)."""
     legal_areas: list[str] | None = None
     """Keep only these legal areas (SJP `legal area` column), e.g. [civil law]."""
     limit: int | None = Field(None, ge=1)

@@ -72,11 +72,21 @@ def test_sjp_loglik_embedded(app, tmp_path):
     for p in preds:
         assert {"id", "gold", "prediction", "correct", "scores", "language", "legal_area", "year"} <= set(p)
         assert p["prediction"] == max(p["scores"], key=p["scores"].get)
+        # the length-normalised variant: each summed score divided by its answer's SmolLM2 token count
+        for lab, n in {"dismissal": 5, "approval": 3}.items():
+            assert p["scores_length_normalized"][lab] == pytest.approx(p["scores"][lab] / n, abs=2e-5)
+        norm = p["scores_length_normalized"]
+        assert p["prediction_length_normalized"] == max(norm, key=norm.get)
     assert s["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / 20)
+    assert s["headline_scoring"] == "sum" and s["candidate_tokens"] == {"dismissal": 5, "approval": 3}
+    ln = s["length_normalized"]
+    assert ln["accuracy"] == pytest.approx(sum(p["prediction_length_normalized"] == p["gold"] for p in preds) / 20)
+    assert ln["identical_to_sum"] is False and {"macro_f1", "accuracy_ci95", "macro_f1_ci95"} <= set(ln)
     # the second evaluation of the same model comes from the base-score cache, with the same numbers
     again = _summary(run_cli(app, "smollm2-135m", "--task", "sjp", "--data", "bundled:sjp_fr_heldout",
                              "--out", tmp_path / "out2", "--limit", 20, "--max-length", 384, "-q"))
     assert again["cached"] and again["accuracy"] == s["accuracy"]
+    assert again["length_normalized"] == s["length_normalized"]
 
 
 def test_compiled_scoring_gives_the_eager_scores(app, tmp_path):

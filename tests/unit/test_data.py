@@ -66,3 +66,16 @@ def test_chat_and_prompt_completion_formats(tmp_path):
     pc.write_text(json.dumps({"prompt": "Q2?", "completion": "A2."}) + "\n")
     (ex,) = load_examples(DataArgs(train=str(pc)))
     assert ex.answer == "A2."
+
+
+@pytest.mark.parametrize("over,asked", [({"split": "validation"}, "split=validation"),
+                                        ({"split": "all", "years": [2003]}, r"data.years=\[2003\]")])
+def test_rows_without_a_year_are_refused_by_a_year_filter(tmp_path, over, asked):
+    rows = [_row(1, 2003, 0), _row(2, None, 1), _row(3, 2015, 1), {**_row(4, 0, 0), "year": ""}]
+    path = tmp_path / "sjp.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # before: rows 2 and 4 passed every split filter (trained on and tested on); now a one-line error
+    with pytest.raises(DataError, match=rf"2 of 4 SJP rows in '{path}' have no year, so {asked}") as e:
+        load_examples(DataArgs(train=str(path), **over))
+    assert "\n" not in str(e.value) and "split=all" in str(e.value)
+    assert [e.id for e in load_examples(DataArgs(train=str(path), split="all"))] == ["1", "2", "3", "4"]

@@ -15,6 +15,22 @@ LETTERS = ["A", "B", "C", "D"]
     ("dismissal rather than approval", "dismissal"),
     ("Le recours est rejeté.", None),
     ("", None),
+    # whole words only: a label inside another word is not that label (the old substring search said "approval")
+    ("disapproval", None),
+    ("Disapproval of the appeal; dismissal.", "dismissal"),
+    ("non-approval", None),
+    ("approvals", None),
+    ("dismissals are rare: approval", "approval"),
+    ("**Approval**", "approval"),
+    ('"DISMISSAL"', "dismissal"),
+    ("Answer:approval", "approval"),
+    ("(dismissal)\n", "dismissal"),
+    ("<approval>", "approval"),
+    ("Judgment: Dismissal. Approval would need new facts.", "dismissal"),
+    # only the English label words the model is trained to write: verdicts in the case's language do not parse
+    ("Der Rekurs wird abgewiesen.", None),
+    ("Il ricorso è accolto.", None),
+    ("Le recours est admis (approbation).", None),
 ])
 def test_parse_sjp(text, expected):
     assert parse_sjp(text) == expected

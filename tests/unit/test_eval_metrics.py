@@ -91,6 +91,26 @@ def test_breakdown_groups():
     gold = ["A", "A", "B", "B"]
     pred = ["A", "B", "B", "B"]
     out = metrics.breakdown(gold, pred, ["de", "de", "en", None], ["A", "B"])
-    assert out["de"] == {"n": 2, "accuracy": 0.5, "macro_f1": pytest.approx(1 / 3), "balanced_accuracy": 0.5,
-                         "majority_baseline": 1.0}
+    assert out["de"] == {"n": 2, "accuracy": 0.5, "macro_f1": None, "classes_present": 1, "balanced_accuracy": 0.5,
+                         "majority_baseline": 1.0}  # one gold class only: macro-F1 n/a
     assert out["en"]["n"] == 1 and out["n/a"]["accuracy"] == 1.0
+
+
+def test_group_macro_f1_is_na_with_one_class_and_averages_present_classes_only():
+    # group a: only dismissals (all right); group b: both classes; then three of four LEXam letters
+    gold = ["dismissal"] * 4 + ["dismissal", "approval", "approval"]
+    pred = ["dismissal"] * 4 + ["dismissal", "approval", "dismissal"]
+    groups = ["a"] * 4 + ["b"] * 3
+    out = metrics.breakdown(gold, pred, groups, LABELS)
+    assert out["a"]["macro_f1"] is None  # n/a: "macro" F1 over one class (was 0.5 = (1 + 0) / 2)
+    assert out["a"]["classes_present"] == 1 and out["a"]["accuracy"] == 1.0
+    f1_dis, f1_app = 2 * 0.5 * 1 / 1.5, 2 * 1 * 0.5 / 1.5
+    assert out["b"]["macro_f1"] == pytest.approx((f1_dis + f1_app) / 2)
+    assert out["b"]["classes_present"] == 2
+    letters = ["A", "B", "C", "D"]
+    lex = metrics.breakdown(["A", "B", "C"], ["A", "B", "D"], ["x"] * 3, letters)["x"]
+    assert lex["macro_f1"] == pytest.approx(2 / 3)  # A 1, B 1, C 0; D (no case) left out (was 2/4)
+    assert lex["classes_present"] == 3
+    # the whole set keeps sklearn's macro-F1 over every task label
+    assert metrics.classification_report(["A", "B", "C"], ["A", "B", "D"], letters, with_ci=False)["macro_f1"] \
+        == pytest.approx(0.5)

@@ -1,7 +1,8 @@
 """Swiss Judgment Prediction: rows from the hub (`rcds/swiss_judgment_prediction`) or local files.
 
 Columns as on the hub: id, year, text (facts), label (0/1 or "dismissal"/"approval"), language, region,
-canton, `legal area` (with a space), source_language. The official split is by year.
+canton, `legal area` (with a space), source_language. The official split is by year; a year filter (split or
+data.years) refuses data with rows that have no year (check_years), split=all takes every row.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def load_rows(source: str, split: str = "all", hub_config: str | None = None, la
     else:
         keep_years = None
     if keep_years is not None:
-        rows = [r for r in rows if r["year"] is None or r["year"] in keep_years]
+        check_years(rows, source, split, years)
+        rows = [r for r in rows if r["year"] in keep_years]
     if languages:
         rows = [r for r in rows if r["language"] in set(languages)]
     if legal_areas:
@@ -119,6 +121,18 @@ def load_rows(source: str, split: str = "all", hub_config: str | None = None, la
         rows = random.Random(seed).sample(rows, limit)
         rows.sort(key=lambda r: r["id"])
     return rows
+
+
+def check_years(rows: list[dict], source: str, split: str, years) -> None:
+    """A year filter (a split's years, or data.years) cannot place a row without a year: refuse rather than keep it
+    in every split (it would be trained on and tested on) or drop it unseen."""
+    missing = sum(r["year"] is None for r in rows)
+    if missing:
+        asked = f"data.years={list(years)}" if years else f"split={split}"
+        raise DataError(
+            f"{missing} of {len(rows)} SJP rows in {source!r} have no year, so {asked} cannot place them; "
+            "add a year column, drop those rows, or use split=all (data.split=all: a file that is already a split)"
+        )
 
 
 def to_examples(rows: list[dict], args: DataArgs) -> list[Example]:

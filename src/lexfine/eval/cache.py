@@ -18,7 +18,7 @@ from pathlib import Path
 from lexfine.rundir import atomic_write_json, read_json, read_jsonl, write_jsonl
 
 # Bump when a change to prompts, scoring or metrics makes old entries wrong.
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: length-normalised loglik variant, group macro-F1 over classes present
 
 
 def root() -> Path:

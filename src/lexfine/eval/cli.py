@@ -135,6 +135,9 @@ def _line(s: dict) -> str:
     parts = [f"{s['task']}-{s['mode']}: n={s['n']}", f"accuracy={s['accuracy']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]",
              f"macro_f1={s['macro_f1']:.4f}", f"majority={s['majority_baseline']:.4f}",
              f"chance={s['chance_level']:.3f}"]
+    ln = s.get("length_normalized")
+    if ln and not ln.get("identical_to_sum"):
+        parts.append(f"(per token: accuracy={ln['accuracy']:.4f} macro_f1={ln['macro_f1']:.4f})")
     if s["mode"] == "generate":
         parts.append(f"parse_failures={s['parse_failures']} ({s['parse_failure_rate']:.1%})")
     if s.get("cached"):

@@ -1,6 +1,7 @@
 """Greedy generation and answer parsing: the reference study's way of evaluating, kept for parity.
 
-SJP: a few new tokens, then the first "approval"/"dismissal" in the text (the study searched the text for them).
+SJP: a few new tokens, then the first "approval"/"dismissal" in the text (the study searched the text for them), as
+a whole word: "disapproval" or "non-approval" is not "approval".
 LEXam: the benchmark's chain-of-thought prompt, then the last `###X###` (as LEXam's own evaluation.py does).
 A text without a valid answer is a parse failure: prediction None, counted wrong, and reported separately, so that
 "forgot the law" and "stopped writing ###X###" can be told apart.
@@ -18,14 +19,19 @@ import torch
 from lexfine.errors import ModelError
 
 SJP_WORDS = ("approval", "dismissal")
+# A label word on its own: no letter, digit, underscore or hyphen right before or after it ("disapproval",
+# "non-approval", "approvals", "dismissal_x" are not answers); punctuation, markdown and quotes around it are fine.
+_SJP_WORD = re.compile(r"(?<![\w-])(" + "|".join(SJP_WORDS) + r")(?![\w-])", re.IGNORECASE)
 _HASH = re.compile(r"###\s*([A-Za-z]{1,2}|\d{1,2})\s*###")
 
 
 def parse_sjp(text: str) -> str | None:
-    """The label word that occurs first in the text (case-insensitive), or None."""
-    low = text.lower()
-    found = [(low.find(w), w) for w in SJP_WORDS if w in low]
-    return min(found)[1] if found else None
+    """The label word that occurs first in the text as a whole word (case-insensitive), or None.
+
+    Only the English label words count (the ones training teaches, whatever the case's language): a French, German
+    or Italian verdict ("rejeté", "abgewiesen", "accolto") is a parse failure, not a guess."""
+    m = _SJP_WORD.search(text)
+    return m.group(1).lower() if m else None
 
 
 def parse_hash_answer(text: str, labels: list[str]) -> str | None:

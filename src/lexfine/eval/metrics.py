@@ -56,6 +56,19 @@ def macro_f1(gold: list[str], pred: list[str | None], labels: list[str]) -> floa
     return float(_prf(_confusions(g, p, len(labels)))[2].mean())
 
 
+def macro_f1_present(gold: list[str], pred: list[str | None], labels: list[str]) -> float | None:
+    """Macro-F1 over the classes present in `gold` only; None (n/a) when fewer than two are present.
+
+    A class a subset has no case of scores F1 0 (no true positive possible), so averaging over every label would
+    halve an all-dismissal group's macro-F1 whatever the model did; with a single class present, "macro" F1 is that
+    class's F1, a function of its recall alone. Breakdowns by group use this; the whole set uses `macro_f1`.
+    """
+    g, p = _encode(gold, pred, labels)
+    _, _, f1, support = _prf(_confusions(g, p, len(labels)))
+    present = support > 0
+    return float(f1[present].mean()) if present.sum() >= 2 else None
+
+
 def balanced_accuracy(gold: list[str], pred: list[str | None], labels: list[str]) -> float:
     """Mean recall over the classes present in `gold` (sklearn's balanced_accuracy_score)."""
     g, p = _encode(gold, pred, labels)
@@ -123,7 +136,10 @@ def classification_report(gold: list[str], pred: list[str | None], labels: list[
 
 
 def breakdown(gold: list[str], pred: list[str | None], groups: list, labels: list[str]) -> dict[str, dict]:
-    """Per-group n, accuracy, macro-F1, balanced accuracy and majority baseline (groups with a None key: 'n/a')."""
+    """Per-group n, accuracy, macro-F1, balanced accuracy and majority baseline (groups with a None key: 'n/a').
+
+    A group's macro-F1 averages over the gold classes present in that group and is None when only one is
+    (`macro_f1_present`); `classes_present` says how many there are."""
     by: dict[str, list[int]] = {}
     for i, key in enumerate(groups):
         by.setdefault("n/a" if key is None or key == "" else str(key), []).append(i)
@@ -133,6 +149,6 @@ def breakdown(gold: list[str], pred: list[str | None], groups: list, labels: lis
         g = [gold[i] for i in idx]
         p = [pred[i] for i in idx]
         _, maj = majority(g)
-        out[key] = {"n": len(idx), "accuracy": accuracy(g, p), "macro_f1": macro_f1(g, p, labels),
-                    "balanced_accuracy": balanced_accuracy(g, p, labels), "majority_baseline": maj}
+        out[key] = {"n": len(idx), "accuracy": accuracy(g, p), "macro_f1": macro_f1_present(g, p, labels),
+                    "classes_present": len(set(g)), "balanced_accuracy": balanced_accuracy(g, p, labels), "majority_baseline": maj}
     return out

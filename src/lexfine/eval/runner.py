@@ -1,7 +1,10 @@
 """evaluate(): data -> prompts (built exactly as in training) -> scores or generations -> metrics -> files.
 
     <out>/eval/<task>-<mode>/predictions.jsonl   one row per case: id, gold, prediction, correct, scores|output, groups
-    <out>/eval/<task>-<mode>/summary.json        metrics, breakdowns, baselines, settings, timing
+                                                 (loglik: also scores_length_normalized, prediction_length_normalized)
+    <out>/eval/<task>-<mode>/summary.json        metrics, breakdowns, baselines, settings, timing (loglik: the
+                                                 headline is the summed log-prob, headline_scoring; the mean per
+                                                 answer token next to it, length_normalized: eval/scoring.py)
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ from lexfine.rundir import atomic_write_json, now_iso, write_jsonl
 log = logging.getLogger("lexfine.eval")
 
 HEADLINE = ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "balanced_accuracy", "majority_baseline",
-            "chance_level", "parse_failures", "parse_failure_rate")
+            "chance_level", "parse_failures", "parse_failure_rate", "headline_scoring")
 
 
 def headline(summary: dict) -> dict:
-    return {k: summary.get(k) for k in HEADLINE}
+    """The manifest's copy of a summary: HEADLINE keys, plus the length-normalised loglik accuracy and macro-F1."""
+    out = {k: summary.get(k) for k in HEADLINE}
+    ln = summary.get("length_normalized")
+    if ln:
+        out["length_normalized"] = {k: ln.get(k) for k in ("accuracy", "macro_f1")}
+    return out
 
 
 def candidate_ids(tokenizer, task: Task, eot: list[int]) -> tuple[list[list[int]], str]:
@@ -119,7 +127,7 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
         model.train(was_training)
     if not info_dist.main:
         return {}
-    summary = build_summary(t_task, mode, rows)
+    summary = build_summary(t_task, mode, rows, stats["candidate_tokens"])
     d = tgt.data_args
     summary.update(stats)
     summary["settings"] = {**{k: info[k] for k in ("data", "split", "limit", "seed", "fingerprint")},
@@ -181,6 +189,7 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
 
     from lexfine.eval import generate as gen
     from lexfine.eval.loglik import Case, compiled_layers, predict, score_cases
+    from lexfine.eval.scoring import per_token
 
     plan = make_plan(tokenizer, task, mode, max_length, max_new)
     eot, cands, labels = plan.eot, plan.candidates, task.labels
@@ -225,7 +234,10 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
         row = {"id": case.id, "gold": case.gold}
         if mode == "loglik":
             pred = predict(out, labels)
-            extra = {"scores": {lab: round(s, 5) for lab, s in zip(labels, out)}}
+            norm = per_token(out, cands)
+            extra = {"scores": {lab: round(s, 5) for lab, s in zip(labels, out)},
+                     "scores_length_normalized": {lab: round(s, 5) for lab, s in zip(labels, norm)},
+                     "prediction_length_normalized": predict(norm, labels)}
         else:
             pred = gen.parse_sjp(out) if task.kind == "sjp" else gen.parse_hash_answer(out, labels)
             extra = {"output": out, "parsed": pred is not None}
@@ -236,6 +248,7 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
     stats = {
         "scoring": plan.scoring,
         "candidates": {lab: c for lab, c in zip(labels, cands)} if cands else None,
+        "candidate_tokens": {lab: len(c) for lab, c in zip(labels, cands)} if cands else None,
         "truncated": sum(r["truncated"] for r in rows),
         "compiled_layers": compiled,
         "prompt_tokens_mean": n_tok / len(rows),
@@ -292,8 +305,8 @@ def _vllm(tgt: Target, tokenizer, prompts, max_new, eos_ids, max_length):
                          max_model_len=max_length + max_new, lora_rank=rank)
 
 
-def build_summary(task: Task, mode: str, rows: list[dict]) -> dict:
-    from lexfine.eval import metrics
+def build_summary(task: Task, mode: str, rows: list[dict], candidate_tokens: dict[str, int] | None = None) -> dict:
+    from lexfine.eval import metrics, scoring
 
     labels = task.labels
     gold = [r["gold"] for r in rows]
@@ -304,6 +317,9 @@ def build_summary(task: Task, mode: str, rows: list[dict]) -> dict:
                "chance_level": task.chance_level, "parse_failures": failures,
                "parse_failure_rate": failures / len(rows),
                "accuracy_parsed": (sum(g == p for g, p in parsed) / len(parsed)) if parsed else None}
+    if mode == "loglik":
+        summary["headline_scoring"] = scoring.HEADLINE_SCORING
+        summary["length_normalized"] = scoring.length_normalized(rows, labels, candidate_tokens)
     for field in task.groups:
         summary[f"by_{field}"] = metrics.breakdown(gold, pred, [r.get(field) for r in rows], labels)
     return summary

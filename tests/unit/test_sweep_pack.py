@@ -183,3 +183,15 @@ def test_status_shows_the_gpu_of_a_running_job(make_sweep):
     header, first = render(collect(sweep, query_slurm=False)).splitlines()[:2]
     assert header.rstrip().endswith("gpu") and first.endswith("1 (eval sjp)")
     assert json.loads(json.dumps(collect(sweep, query_slurm=False)[0]))["gpu"] == "1"
+
+
+def test_exit_codes_of_a_training_process():
+    from lexfine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_LOCKED
+    from lexfine.sweep.local import classify_exit
+
+    assert classify_exit(0, "completed") == "completed"
+    assert classify_exit(EXIT_DIVERGED, "running") == classify_exit(1, "diverged") == "diverged"
+    assert classify_exit(EXIT_LOCKED, "running") == "locked"  # another runner trains it: not ours to mark
+    assert classify_exit(EXIT_INTERRUPTED, "interrupted") == classify_exit(0, "interrupted") == "interrupted"
+    assert classify_exit(-15, "running", stopping=True) == "interrupted"  # we stopped it: resumable
+    assert classify_exit(-9, "running") == classify_exit(0, "running") == classify_exit(2, "failed") == "failed"

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lexfine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_LOCKED, ConfigError
+from lexfine.errors import ConfigError
 from lexfine.rundir import RunDir, now_iso
 from lexfine.sweep.grid import PlannedRun, Sweep
-from lexfine.sweep.local import (Outcome, _error_line, _tail, eval_command, has_eval, log_dir, missing_evals, prepare,
-                                 read_state, train_command, update_state)
+from lexfine.sweep.local import (Outcome, _error_line, _tail, classify_exit, eval_command, has_eval, log_dir,
+                                 missing_evals, prepare, read_state, train_command, update_state)
 
 
 @dataclass
@@ -210,20 +210,21 @@ class PackedRunner:
     def _finished_train(self, a: Active, code: int) -> None:
         run, rd = a.job.run, RunDir(a.job.run.run_dir)
         status, dt = rd.status, time.perf_counter() - a.t0
-        if code == 0 and status == "completed":
+        kind = classify_exit(code, status, bool(self.stopping))
+        if kind == "completed":
             m = rd.manifest()
             loss = m.get("final_loss")
             loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
             self.outcomes[run.run_id] = Outcome(run, "trained", "", dt)
             self._say(run, f"completed in {dt:.0f}s (steps {m.get('steps')}, final loss {loss})")
             self._enqueue_evals(run)
-        elif code == EXIT_DIVERGED or status == "diverged":
+        elif kind == "diverged":
             self.outcomes[run.run_id] = Outcome(run, "diverged", _error_line(rd, "non-finite loss"), dt)
             self._say(run, f"diverged after {dt:.0f}s (terminal, not retried): {_error_line(rd, 'non-finite loss')}")
-        elif code == EXIT_LOCKED:
+        elif kind == "locked":
             self.outcomes[run.run_id] = Outcome(run, "locked", "locked by another live process", dt)
             self._say(run, "skipped: locked by another live process (another sweep runner or lexfine train)")
-        elif code == EXIT_INTERRUPTED or status == "interrupted" or (self.stopping and code != 0):
+        elif kind == "interrupted":
             if status in (None, "planned", "running"):
                 rd.set_status("interrupted", error="stopped by the sweep runner; run the sweep again to resume")
             self.outcomes[run.run_id] = Outcome(run, "interrupted", "resumable", dt)

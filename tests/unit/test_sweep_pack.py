@@ -195,3 +195,19 @@ def test_exit_codes_of_a_training_process():
     assert classify_exit(EXIT_INTERRUPTED, "interrupted") == classify_exit(0, "interrupted") == "interrupted"
     assert classify_exit(-15, "running", stopping=True) == "interrupted"  # we stopped it: resumable
     assert classify_exit(-9, "running") == classify_exit(0, "running") == classify_exit(2, "failed") == "failed"
+
+
+def test_concurrent_base_model_evaluations_leave_one_whole_cache_entry(tmp_path, monkeypatch):
+    """Packed eval jobs of runs on the same base model may store the same base-model entry at once."""
+    from lexfine.eval import cache
+
+    monkeypatch.setenv("LEXFINE_CACHE", str(tmp_path))
+    key = cache.make_key({"model": "base", "task": "sjp"})
+    threads = [threading.Thread(target=cache.store, args=(key, {"accuracy": i}, [{"id": i}] * 200)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary, preds = cache.lookup(key)
+    assert preds == [{"id": summary["accuracy"]}] * 200  # one writer's entry, whole
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == [key]  # no temp folders left behind

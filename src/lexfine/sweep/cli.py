@@ -108,10 +108,13 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One after another: stream training output "
                                  "(always in logs/)."),
 ) -> None:
-    """Train and evaluate the runs locally: on a GPU machine one run per GPU (--gpus) and --runs-per-gpu side
-    by side, evaluations too, each its own process; else one after another. Completed runs are skipped, incomplete
-    ones resume from their last checkpoint, failures are listed at the end (exit code 1). Ctrl-C/SIGTERM: running
-    trainings save a checkpoint and stop (exit code 75; run the same command to resume)."""
+    """Train and evaluate the runs locally, packed onto the GPUs on a GPU machine, else one after another. GPU
+    packing: --gpus auto|none|0,1 (one process per run, each with its own CUDA_VISIBLE_DEVICES; a run with
+    launch.num_processes=k takes k GPUs), --runs-per-gpu N (N runs side by side per GPU; refused when N x the
+    estimated peak memory of a run exceeds the GPU's), --gpu-memory-per-run GiB (a measured peak instead of the
+    estimate), --progress-every S; evaluations run as jobs of their own on free GPUs. Completed runs are skipped,
+    incomplete ones resume from their last checkpoint, failures are listed at the end (exit code 1). Ctrl-C or
+    SIGTERM: running trainings save a checkpoint and stop (exit code 75; run the same command to resume)."""
     from lexfine.errors import EXIT_INTERRUPTED
 
     try:

@@ -310,7 +310,7 @@ class PackedRunner:
         failed = sum(1 for o in self.outcomes.values() if o.state == "failed")
         trains = sum(1 for j in self.queue if j.kind == "train")
         evals = len(self.queue) - trains
-        return (f"{time.strftime('%H:%M:%S')} progress: {done} trained, {failed} failed, {len(self.active)} running, "
+        return (f"{time.strftime('%H:%M:%S')} progress: {done} done, {failed} failed, {len(self.active)} running, "
                 f"{trains} queued (+{evals} evals); elapsed {_fmt(elapsed)}")
 
 

@@ -212,3 +212,20 @@ def test_concurrent_base_model_evaluations_leave_one_whole_cache_entry(tmp_path,
     summary, preds = cache.lookup(key)
     assert preds == [{"id": summary["accuracy"]}] * 200  # one writer's entry, whole
     assert [p.name for p in (tmp_path / "eval").iterdir()] == [key]  # no temp folders left behind
+
+
+def test_sequential_runner_never_marks_a_locked_or_diverged_run_failed(make_sweep, monkeypatch):
+    from lexfine.sweep import local
+
+    sweep = make_sweep(2)
+    codes = {sweep.runs[0].run_id: 73, sweep.runs[1].run_id: 65}
+
+    def fake_run(cmd, log, verbose, echo):
+        rid = next(r for r in codes if any(r in c for c in cmd))
+        RunDir(next(r.run_dir for r in sweep.runs if r.run_id == rid)).set_status("running")
+        return codes[rid]
+
+    monkeypatch.setattr(local, "_run_logged", fake_run)
+    out = local.run_sweep(sweep, echo=lambda s: None)
+    assert [o.state for o in out] == ["locked", "diverged"]
+    assert [RunDir(r.run_dir).status for r in sweep.runs] == ["running", "running"]  # untouched

@@ -1,7 +1,7 @@
 """`lexfine sweep run --gpus 0,1 --runs-per-gpu 2` on a CPU with fake GPUs (LEXFINE_FAKE_GPUS): real
 `python -m lexfine.train` processes side by side, each with its own CUDA_VISIBLE_DEVICES (recorded in its manifest,
 ignored on a CPU); a second invocation skips the completed runs. Failures, kills, exit codes and SIGTERM are covered
-with light child processes in tests/unit/test_sweep_pack.py."""
+with light child processes in tests/integration/test_sweep_scheduler.py."""
 
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ class Active:
     gpus: list[str]
     log: Path
     t0: float
+    signalled: int = 0
 
 
 class Slots:
@@ -270,12 +271,17 @@ class PackedRunner:
 
     def _signal(self, signum, frame) -> None:
         self.stopping += 1
-        sig = signal.SIGTERM if self.stopping == 1 else signal.SIGKILL
-        for a in self.active:
-            try:
-                os.killpg(a.proc.pid, sig)  # the job's whole session: accelerate's workers too
-            except OSError:
-                pass
+        self._forward()
+
+    def _forward(self) -> None:
+        """SIGTERM (first signal) or SIGKILL (second) to every job not yet told (one may have started just now)."""
+        for a in list(self.active):
+            if a.signalled < self.stopping:
+                a.signalled = self.stopping
+                try:
+                    os.killpg(a.proc.pid, signal.SIGTERM if self.stopping == 1 else signal.SIGKILL)
+                except OSError:
+                    pass  # it ended meanwhile; the job's whole session gets it: accelerate's workers too
 
     # -- the loop -------------------------------------------------------------------------------------
     def loop(self) -> list[Outcome]:
@@ -288,6 +294,7 @@ class PackedRunner:
                 if self.stopping:
                     if not self.active:
                         break
+                    self._forward()
                 else:
                     self._schedule(slots)
                 time.sleep(self.poll_s)

@@ -140,7 +140,7 @@ def hardware() -> dict[str, Any]:
         pass
     info["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     info["num_nodes"] = int(os.environ.get("SLURM_NNODES", os.environ.get("LEXFINE_NUM_MACHINES", "1")))
-    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_ARRAY_TASK_ID"):
+    for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_ARRAY_TASK_ID"):
         if k in os.environ:
             info[k.lower()] = os.environ[k]
     return info

@@ -10,7 +10,8 @@ import typer
 from lexfine.errors import LexfineError
 
 sweep_app = typer.Typer(
-    help="Grids of runs from one sweep file: plan them, run them locally one after another, or submit to SLURM.",
+    help="Grids of runs from one sweep file: plan them, run them locally (packed onto the GPUs, or one after "
+         "another), or submit to SLURM.",
     no_args_is_help=True,
 )
 
@@ -38,7 +39,7 @@ def _select(sweep, only: Optional[List[str]]):
         if not found:
             raise LexfineError(f"--only {pattern!r} matches no run of sweep {sweep.name!r} (see `lexfine sweep plan`)")
         chosen += [r for r in found if r not in chosen]
-    return sorted(chosen, key=lambda r: r.index)
+    return chosen  # in the order of the patterns: the first ones start first
 
 
 def _rel(p: Path) -> str:
@@ -83,24 +84,63 @@ def plan(
 @sweep_app.command("run")
 def run(
     sweep_file: Path = SWEEP_ARG,
-    only: Optional[List[str]] = ONLY_OPT,
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Only these runs: run id, run name, glob "
+                                             "(*lr1e-4*) or index; repeatable. Runs start in the order of the "
+                                             "patterns (put the most important grid points first)."),
+    gpus: str = typer.Option("auto", "--gpus", help="GPUs to pack runs onto, one process per run with its own "
+                             "CUDA_VISIBLE_DEVICES: auto (every visible GPU; on a machine without one, runs go one "
+                             "after another), none (one after another), or ids such as 0,1. A run with "
+                             "launch.num_processes=k takes k GPUs at once."),
+    runs_per_gpu: int = typer.Option(1, "--runs-per-gpu", min=1, help="Runs side by side on each GPU (small "
+                                     "models). Above 1, a memory check refuses what does not fit: estimated peak "
+                                     "per run x N vs the GPU's memory (docs/slurm.md)."),
+    gpu_memory_per_run: Optional[float] = typer.Option(None, "--gpu-memory-per-run", min=0.1, help="GiB one run "
+                                                       "needs (e.g. a measured peak_gpu_memory_gib), instead of "
+                                                       "the estimate, for the --runs-per-gpu check."),
     retry_failed: bool = typer.Option(True, "--retry-failed/--skip-failed", help="Train runs that failed before again."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Train only; skip the evaluations."),
-    in_process: bool = typer.Option(False, "--in-process", help="Train and evaluate in this process "
-                                    "(faster start; a crash stops the sweep). Default: one process per run."),
+    in_process: bool = typer.Option(False, "--in-process", help="Train and evaluate in this process, one run "
+                                    "after another (faster start; a crash stops the sweep). Default: one process "
+                                    "per run."),
     launcher: str = typer.Option("accelerate", help="Runs with launch.num_processes > 1: accelerate or torchrun."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream training output (always in logs/)."),
+    progress_every: float = typer.Option(60.0, "--progress-every", min=0.1, help="GPU packing: seconds between "
+                                         "progress lines (done / running / queued, elapsed)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="One after another: stream training output "
+                                 "(always in logs/)."),
 ) -> None:
-    """Train and evaluate the runs locally, one after another: completed runs are skipped, incomplete ones
-    resume from their last checkpoint, failures are listed at the end (exit code 1)."""
+    """Train and evaluate the runs locally, packed onto the GPUs on a GPU machine, else one after another. GPU
+    packing: --gpus auto|none|0,1 (one process per run, each with its own CUDA_VISIBLE_DEVICES; a run with
+    launch.num_processes=k takes k GPUs), --runs-per-gpu N (N runs side by side per GPU; refused when N x the
+    estimated peak memory of a run exceeds the GPU's), --gpu-memory-per-run GiB (a measured peak instead of the
+    estimate), --progress-every S; evaluations run as jobs of their own on free GPUs. Completed runs are skipped,
+    incomplete ones resume from their last checkpoint, failures are listed at the end (exit code 1). Ctrl-C or
+    SIGTERM: running trainings save a checkpoint and stop (exit code 75; run the same command to resume)."""
+    from lexfine.errors import EXIT_INTERRUPTED
+
     try:
+        from lexfine.sweep.gpus import select
         from lexfine.sweep.local import run_sweep, summary
 
         sweep = _load(sweep_file)
         chosen = _select(sweep, only)
+        explicit = gpus.strip().lower() != "auto"
+        if in_process and explicit and gpus.strip().lower() not in ("none", "cpu"):
+            raise LexfineError(f"--in-process runs one run at a time in this process; drop --gpus {gpus} or "
+                               "--in-process")
+        devices = [] if in_process else select(gpus)
+        if runs_per_gpu > 1 and not devices:
+            raise LexfineError(f"--runs-per-gpu {runs_per_gpu} needs GPUs, and none is visible (--gpus {gpus}); "
+                               "drop it to run one after another")
         typer.echo(f"sweep {sweep.name}: {len(chosen or sweep.runs)} runs in {_rel(sweep.sweep_dir)}")
-        outcomes = run_sweep(sweep, only=chosen, retry_failed=retry_failed, evaluate=not no_eval,
-                             in_process=in_process, launcher=launcher, verbose=verbose, echo=typer.echo)
+        if devices:
+            from lexfine.sweep.pack import run_packed
+
+            outcomes = run_packed(sweep, devices, runs_per_gpu, only=chosen, retry_failed=retry_failed,
+                                  evaluate=not no_eval, launcher=launcher, gpu_memory_per_run=gpu_memory_per_run,
+                                  progress_s=progress_every, echo=typer.echo)
+        else:
+            outcomes = run_sweep(sweep, only=chosen, retry_failed=retry_failed, evaluate=not no_eval,
+                                 in_process=in_process, launcher=launcher, verbose=verbose, echo=typer.echo)
     except LexfineError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -110,6 +150,8 @@ def run(
     typer.echo(f"status: lexfine sweep status {sweep_file}")
     if any(o.state in ("failed", "eval-failed") for o in outcomes):
         raise typer.Exit(1)
+    if any(o.state in ("interrupted", "not-started") for o in outcomes):
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @sweep_app.command("status")

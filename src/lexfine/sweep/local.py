@@ -28,6 +28,7 @@ from typing import Callable
 import yaml
 
 from lexfine.config import RunConfig
+from lexfine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_LOCKED
 from lexfine.rundir import RunDir, atomic_write_text, now_iso, read_jsonl, write_jsonl
 from lexfine.sweep.grid import PlannedRun, Sweep
 
@@ -203,6 +204,21 @@ def _error_line(rd: RunDir, fallback: str) -> str:
     return str(err).splitlines()[0] if err else fallback
 
 
+def classify_exit(code: int, status: str | None, stopping: bool = False) -> str:
+    """What a training process's exit code (lexfine.errors) and its run's status say: completed | diverged (65:
+    terminal, not retried) | locked (73: another live process has it; touch nothing) | interrupted (75, or
+    stopped by the runner itself: resumable) | failed."""
+    if code == 0 and status == "completed":
+        return "completed"
+    if code == EXIT_DIVERGED or status == "diverged":
+        return "diverged"
+    if code == EXIT_LOCKED:
+        return "locked"
+    if code == EXIT_INTERRUPTED or status == "interrupted" or (stopping and code != 0):
+        return "interrupted"
+    return "failed"
+
+
 def _train(sweep: Sweep, run: PlannedRun, launcher: str, in_process: bool, verbose: bool,
            echo: Callable[[str], None]) -> tuple[bool, str]:
     rd = RunDir(run.run_dir)
@@ -217,6 +233,10 @@ def _train(sweep: Sweep, run: PlannedRun, launcher: str, in_process: bool, verbo
     else:
         cmd = train_command(sweep, run, launcher)
         code = _run_logged(cmd, log, verbose, echo)
+        kind = classify_exit(code, rd.status)
+        if kind in ("diverged", "locked", "interrupted"):  # not failures: never marked failed
+            return False, f"{kind}: " + ("another live process holds the run" if kind == "locked" else
+                                         _error_line(rd, f"exit code {code}"))
         if code and rd.status != "completed":
             if rd.status in (None, "planned", "running"):
                 # Killed before it could say so (OOM killer, segfault): never leave it looking alive.
@@ -267,6 +287,10 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
         if status == "completed":
             state, detail = "skipped", "completed before"
             echo(f"{head}: completed, skipping training")
+        elif status == "diverged":
+            outcomes.append(Outcome(run, "diverged", "diverged before (terminal)"))
+            echo(f"{head}: diverged before, not retried")
+            continue
         elif status == "failed" and not retry_failed:
             outcomes.append(Outcome(run, "failed", "failed before (use --retry-failed)"))
             echo(f"{head}: failed before, not retried")
@@ -283,9 +307,12 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status)
                 raise
             if not ok:
-                update_state(sweep.sweep_dir, run.run_id, status=rd.status, error=detail.splitlines()[0])
-                outcomes.append(Outcome(run, "failed", detail, time.perf_counter() - t0))
-                echo(f"{head}: FAILED: {detail}")
+                kind = detail.split(":", 1)[0] if detail.startswith(("diverged:", "locked:", "interrupted:")) \
+                    else "failed"
+                update_state(sweep.sweep_dir, run.run_id, status=rd.status,
+                             error=detail.splitlines()[0] if kind == "failed" else None)
+                outcomes.append(Outcome(run, kind, detail, time.perf_counter() - t0))
+                echo(f"{head}: FAILED: {detail}" if kind == "failed" else f"{head}: {detail}")
                 continue
             state = "trained"
         if evaluate:

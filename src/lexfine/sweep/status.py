@@ -1,4 +1,5 @@
-"""`lexfine sweep status`: one row per run, read from its run directory (plus job ids from sweep.jsonl).
+"""`lexfine sweep status`: one row per run, read from its run directory (plus job ids from sweep.jsonl, and the GPU
+a packed local sweep runs each job on: a `gpu` column while one runs).
 
     run                        state      steps    final loss  sjp-loglik  lexam_mcq4-loglik  wall time  job
     tiny-lora-r8-lr1e-4-...    completed  2/2      2.1034      0.612       0.305              0:00:41    -
@@ -81,7 +82,7 @@ def collect(sweep: Sweep, query_slurm: bool = True) -> list[dict]:
             "final_loss": m.get("final_loss") if m.get("final_loss") is not None else last.get("loss"),
             "evals": evals,
             "wall_time_s": m.get("wall_time_s") if m.get("wall_time_s") is not None else last.get("elapsed_s"),
-            "job_id": job, "eval_job_id": st.get("eval_job_id"), "error": m.get("error") if status == "failed" else None,
+            "job_id": job, "eval_job_id": st.get("eval_job_id"), "gpu": st.get("gpu"), "local_job": st.get("job"), "error": m.get("error") if status == "failed" else None,
             "run_dir": str(run.run_dir),
         })
     return rows
@@ -93,7 +94,8 @@ def render(rows: list[dict]) -> str:
         for k in r["evals"]:
             if k not in eval_keys:
                 eval_keys.append(k)
-    header = ["#", "run", "state", "steps", "final loss", *eval_keys, "wall time", "job"]
+    gpu_col = any(r.get("gpu") for r in rows)  # a packed local sweep is running: where each job runs
+    header = ["#", "run", "state", "steps", "final loss", *eval_keys, "wall time", "job", *(["gpu"] if gpu_col else [])]
     table = [header]
     for r in rows:
         steps = "-" if r["steps"] is None else (f"{r['steps']}/{r['max_steps']}" if r["max_steps"] else str(r["steps"]))
@@ -102,7 +104,9 @@ def render(rows: list[dict]) -> str:
         job = r["job_id"] or "-"
         if r.get("eval_job_id"):
             job += f" (+{r['eval_job_id']})"
-        table.append([str(r["index"]), r["run_id"], r["state"], steps, loss, *ev, _fmt_time(r["wall_time_s"]), job])
+        where = [f"{r['gpu']} ({r.get('local_job') or 'train'})" if r.get("gpu") else "-"] if gpu_col else []
+        table.append([str(r["index"]), r["run_id"], r["state"], steps, loss, *ev, _fmt_time(r["wall_time_s"]), job,
+                      *where])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     counts: dict[str, int] = {}

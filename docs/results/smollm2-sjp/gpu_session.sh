@@ -6,8 +6,8 @@
 #   .study/b/    part 2 of the GGUF and the French SJP rows (data/sjp/fr_{train,validation}.parquet)
 # Stages, one device call each, back to back on the same warm machine:
 #   bash docs/results/smollm2-sjp/gpu_session.sh a                   install wheels, keep part 1 and LEXam
-#   bash docs/results/smollm2-sjp/gpu_session.sh b SWEEP [ARGS...]   join the GGUF, convert it once, start
-#                                                                    `lexfine sweep run SWEEP ARGS` detached
+#   [ORDER=f] bash docs/results/smollm2-sjp/gpu_session.sh b SWEEP [ARGS...]   join the GGUF, convert it once,
+#                                      start `lexfine sweep run SWEEP ARGS` detached (runs named in f first)
 #   bash docs/results/smollm2-sjp/gpu_session.sh poll SECONDS SWEEP  wait, print status, pack small files to $OUT
 # On a cluster none of this is needed: `pip install -e .` and `lexfine sweep run SWEEP --gpus auto`.
 set -uo pipefail
@@ -52,7 +52,11 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     python3 -c "from lexfine import models; print(models.embedded_model_dir())" || exit 1
     echo "model ready in $(( $(date +%s) - t0 )) s"
     date -u > "$W/sweep.started"
-    setsid nohup python3 -m lexfine.cli sweep run "$sweep" "$@" > "$W/sweep.log" 2>&1 < /dev/null &
+    only=()   # ORDER=file: one run name per line, started in that order (`--only` keeps the order)
+    if [ -n "${ORDER:-}" ]; then
+      while read -r name; do case $name in ''|'#'*) ;; *) only+=(--only "$name") ;; esac; done < "$ORDER"
+    fi
+    setsid nohup python3 -m lexfine.cli sweep run "$sweep" "${only[@]}" "$@" > "$W/sweep.log" 2>&1 < /dev/null &
     sleep 45
     tail -n 30 "$W/sweep.log"
     ;;

@@ -276,7 +276,7 @@ def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> Non
                         rd.path, ", ".join(cfg.eval))
         return
     from lexfine.eval import run_configured_evals
-    from lexfine.train.speed import uncompile_decoder_layers
+    from lexfine.speed import uncompile_decoder_layers
 
     model = trainer.model
     model.eval()

@@ -127,7 +127,7 @@ def default_workers(n_examples: int) -> int:
 
 def encode_table(tokenizer, examples: list[Example], max_length: int, loss_on: str = "answer",
                  truncation: str = "middle", workers: int = 1, progress: bool = False):
-    """(pyarrow Table with list<int64> input_ids and labels, EncodeStats), encoded by `workers` processes."""
+    """(pyarrow Table of input_ids (list<int32>) and labels (list<int64>), EncodeStats), by `workers` processes."""
     import multiprocessing
 
     import numpy as np
@@ -164,6 +164,9 @@ def encode_table(tokenizer, examples: list[Example], max_length: int, loss_on: s
         stats.total_tokens += s.total_tokens
         stats.loss_tokens += s.loss_tokens
     lengths = np.asarray([n for p in parts for n in p[2]], dtype=np.int64)
+    if lengths.sum() >= 2**31:  # Arrow lists index their values with int32 offsets
+        raise DataError(f"{int(lengths.sum()):,} tokens in one training set is more than 2^31: use data.limit or "
+                        "fewer data.years")
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     columns = {}
     # the types Dataset.from_dict gives these lists (datasets stores input_ids as int32): the same Dataset either way

@@ -49,6 +49,13 @@ def dynamo_compilations() -> int:
     return int(counters["frames"]["total"])
 
 
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def warmup_steps(total_steps: int) -> int:
     return min(10, max(1, total_steps // 10))
 
@@ -77,6 +84,7 @@ class TimingsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.first_step is None:
             self.first_step = state.global_step
+            _synchronize()  # a GPU may still be running the step the Python side has already queued
             self.timings["first_step_s"] = round(time.time() - self.started, 2)
             self._emit()  # written now: a run that dies later still tells how long it took to start
         if state.global_step - self.first_step + 1 == self.warmup:

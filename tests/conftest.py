@@ -12,9 +12,11 @@ SHARED = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, tmp_path_factory):
     # Tests never reach the hub: a silent download would make them slow and flaky.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Each test has its own tokenized-data cache: a hit left by another test (or a user's run) would hide behaviour.
+    monkeypatch.setenv("LEXFINE_TOKENIZED_CACHE", str(tmp_path_factory.mktemp("tokenized")))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

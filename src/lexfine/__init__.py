@@ -1,6 +1,9 @@
 """lexfine: fine-tune LLMs on a domain task and measure what it costs in general knowledge."""
 
+import time
 from importlib.metadata import PackageNotFoundError, version
+
+IMPORTED_AT = time.time()  # process start where /proc is missing (lexfine.train.timings)
 
 try:
     __version__ = version("lexfine")

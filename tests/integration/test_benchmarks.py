@@ -52,3 +52,13 @@ def test_multigpu_scaling_mode_times_a_shipped_config_on_one_process(tmp_path):
     row = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("ROW "))[4:])
     assert row["rc"] == 0 and row["tokens_per_s_per_gpu"] > 0 and row["save_s"] is not None
     assert "tok/s/GPU" in res.stdout
+
+
+def test_data_prep_prints_serial_parallel_and_cached_rows(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from data_prep import main
+
+    assert main(["--limit", "6", "--workers", "1,2", "--max-length", "2048"]) == 0  # 0: every row gave one Dataset
+    out = capsys.readouterr().out
+    assert "cold, serial" in out and "cold, parallel" in out and "DIFFERS" not in out
+    assert "| cached (second run)    | - |" in out and out.rstrip().endswith("True |")

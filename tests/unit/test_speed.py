@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lexfine.train.speed import SelectiveCheckpointing, decoder_layers, layers_to_checkpoint, spread
+from lexfine.speed import decoder_layers
+from lexfine.train.speed import SelectiveCheckpointing, layers_to_checkpoint, spread
 
 
 @pytest.mark.parametrize("n,fraction,expected", [

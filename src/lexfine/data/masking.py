@@ -80,8 +80,9 @@ def answer_ids(tokenizer, answer: str, eot: list[int]) -> list[int]:
     return _ids(tokenizer(answer, add_special_tokens=False)["input_ids"]) + list(eot)
 
 
-def cut_facts(tokenizer, facts: str, keep_tokens: int, mode: str) -> str:
-    ids = _ids(tokenizer(facts, add_special_tokens=False)["input_ids"])
+def cut_facts(tokenizer, facts: str, keep_tokens: int, mode: str, ids: list[int] | None = None) -> str:
+    """`facts` cut to `keep_tokens` tokens (`ids`: the facts already tokenized, to save tokenizing them again)."""
+    ids = _ids(tokenizer(facts, add_special_tokens=False)["input_ids"]) if ids is None else ids
     if keep_tokens >= len(ids):
         return facts
     if keep_tokens <= 0:
@@ -98,11 +99,12 @@ def fit_prompt(tokenizer, example: Example, budget: int, truncation: str = "midd
     ids = prompt_ids(tokenizer, example)
     if len(ids) <= budget:
         return ids, False, 0
-    n_facts = len(_ids(tokenizer(example.facts, add_special_tokens=False)["input_ids"]))
+    facts_ids = _ids(tokenizer(example.facts, add_special_tokens=False)["input_ids"])
+    n_facts = len(facts_ids)
     slack = 0
     for _ in range(8):  # re-tokenization at the cut can differ by a few tokens: shrink until it fits
         keep = n_facts - (len(ids) - budget) - slack
-        facts = cut_facts(tokenizer, example.facts, keep, truncation)
+        facts = cut_facts(tokenizer, example.facts, keep, truncation, facts_ids)
         new = prompt_ids(tokenizer, example, facts)
         if len(new) <= budget:
             return new, True, max(0, n_facts - max(keep, 0))

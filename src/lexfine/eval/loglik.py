@@ -221,7 +221,7 @@ def compiled_layers(model, backend: str | None = None):
     specialised to one row."""
     import torch.fx.experimental._config
 
-    from lexfine.train.speed import compile_decoder_layers, decoder_layers, uncompile_decoder_layers
+    from lexfine.speed import compile_decoder_layers, decoder_layers, uncompile_decoder_layers
 
     backend = backend or ("inductor" if next(model.parameters()).device.type == "cuda" else "aot_eager")
     indexed = [m for layer in decoder_layers(model) for m in layer.modules()

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from lexfine.report.collect import Run, RunSet, size_sort_key
+from lexfine.report.runs import Run, RunSet, size_sort_key
 
 SJP_KEYS = ("sjp-loglik", "sjp-generate")
 LEXAM_KEYS = tuple(f"lexam_mcq{n}-{m}" for n in (4, 8, 16, 32) for m in ("loglik", "generate"))

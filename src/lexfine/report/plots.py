@@ -18,7 +18,7 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from lexfine.report.collect import Run, RunSet  # noqa: E402
+from lexfine.report.runs import Run, RunSet  # noqa: E402
 from lexfine.report.findings import LEXAM_KEYS, Settings, is_diverged, smoothed_final_loss  # noqa: E402
 
 FULL_COLOR = "black"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lexfine.report.collect import Run, make_curve, size_from_name, throughput_from_curve, to_float
+from lexfine.report.runs import Run, make_curve, size_from_name, throughput_from_curve, to_float
 
 _RUN = (r"lr(?P<lr>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)_r(?P<rank>\d+)(?:_nnodes(?P<nodes>\d+))?"
         r"(?:_(?P<strategy>zero\d|fsdp\d?|ddp))?_(?P<method>lora|full)_(?P<size>\d+(?:\.\d+)?[BbMm])")

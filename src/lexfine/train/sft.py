@@ -152,15 +152,12 @@ def check_lora_targets(model, target_modules) -> None:
 
 
 def load_dataset(cfg: RunConfig, tokenizer):
-    from datasets import Dataset
-
     from lexfine.data import load_examples
-    from lexfine.data.masking import encode_all
+    from lexfine.data.prepare import tokenized_dataset
 
     examples = load_examples(cfg.data, seed=cfg.train.seed)
-    cols, stats = encode_all(tokenizer, examples, cfg.train.max_length, cfg.data.loss_on, cfg.data.truncation,
+    return tokenized_dataset(tokenizer, examples, cfg.train.max_length, cfg.data.loss_on, cfg.data.truncation,
                              progress=is_main_process())
-    return Dataset.from_dict(cols), stats
 
 
 def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
@@ -184,11 +181,14 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     from lexfine.train.callbacks import MetricsCallback
     from lexfine.train.preemption import PreemptionCallback
     from lexfine.train.speed import apply_speed_levers
+    from lexfine.train.timings import TimingsCallback
 
     args = build_args(cfg, rd)
     spec = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(spec, cfg.model_args)
+    t0 = time.perf_counter()
     dataset, stats = load_dataset(cfg, tokenizer)
+    timings = {"data_prep_s": round(time.perf_counter() - t0, 2)}
     if main:
         rd.update_manifest(data=stats.as_dict())
         log.info("data: %d examples, %d truncated (facts cut)", stats.n, stats.truncated)
@@ -197,7 +197,9 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     device = None
     if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes
+    t0 = time.perf_counter()
     model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
+    timings["model_load_s"] = round(time.perf_counter() - t0, 2)
     callbacks, speed = apply_speed_levers(cfg, model)
     if main:
         rd.update_manifest(speed=speed)
@@ -209,8 +211,9 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     ckpt, elapsed0, tokens0 = _resume_state(rd, main)
     metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
+    timings_cb = TimingsCallback((lambda t: rd.update_manifest(timings=t)) if main else None, timings)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, *callbacks])
+                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, timings_cb, *callbacks])
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -276,7 +279,7 @@ def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> Non
                         rd.path, ", ".join(cfg.eval))
         return
     from lexfine.eval import run_configured_evals
-    from lexfine.train.speed import uncompile_decoder_layers
+    from lexfine.speed import uncompile_decoder_layers
 
     model = trainer.model
     model.eval()

@@ -3,7 +3,8 @@
 - fused xIELU (Apertus's activation, lexfine.kernels.xielu);
 - selective activation checkpointing: only a fraction of the decoder layers recompute their activations, and a batch
   with fewer tokens than a full one recomputes proportionally fewer (adaptive checkpointing);
-- compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile.
+- compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile
+  (lexfine.speed, shared with evaluation).
 
 Each is measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
 """
@@ -14,6 +15,8 @@ import logging
 
 import torch
 from transformers import TrainerCallback
+
+from lexfine.speed import compile_decoder_layers, decoder_layers
 
 log = logging.getLogger("lexfine.train")
 
@@ -47,13 +50,6 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
                "adaptive_checkpointing": adaptive}
     return callbacks, applied
-
-
-def decoder_layers(model) -> list:
-    """The repeated blocks that transformers checkpoints (one per decoder layer), in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def decoder_stack(model, first_layer):
@@ -140,27 +136,3 @@ class SelectiveCheckpointing(TrainerCallback):
         if self.full_batch_tokens and self.counted[0]:
             log.info("adaptive checkpointing: %.1f of %d layers checkpointed per batch on average",
                      self.counted[1] / self.counted[0], len(self.layers))
-
-
-def compile_decoder_layers(model, backend: str = "inductor") -> int:
-    """torch.compile every decoder layer in place (lazily: the first call traces it, after PEFT has injected its
-    adapters). Returns the number of layers compiled."""
-    import torch._dynamo
-
-    layers = decoder_layers(model)
-    # Layers differ in constants Dynamo may guard on (layer_idx, sliding windows): allow one entry per layer and a
-    # few shape variants (checkpointed or not, where the checkpoint runs inside the compiled call), instead of
-    # falling back to eager after the default limit of 8.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers) + 8))
-    for layer in layers:
-        layer.compile(backend=backend, dynamic=True)
-    return len(layers)
-
-
-def uncompile_decoder_layers(model) -> None:
-    """Back to eager layers (evaluation after training runs cached decoding, which the compiled training graphs
-    were not built for)."""
-    for layer in decoder_layers(model):
-        layer._compiled_call_impl = None

@@ -1,0 +1,78 @@
+"""Data preparation speed: SJP cases tokenized and masked per second, serial vs parallel workers vs the cache.
+
+    python benchmarks/data_prep.py                          # bundled French SJP cases (800), embedded SmolLM2
+    python benchmarks/data_prep.py --data ../shared/data/sjp/fr_train.parquet --workers 1,16 --limit 0
+    python benchmarks/data_prep.py --tokenizer DIR          # another tokenizer (e.g. Apertus's)
+
+Every row goes through lexfine.data.prepare.tokenized_dataset, the path `lexfine train` takes: "cold" rows write
+to a fresh cache folder (so they include the cache write), the "cached" row reads what the last cold row wrote.
+The parallel rows are checked to give the serial row's Dataset exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="bundled:sjp_fr_train", help="data.train: a file, folder or bundled:<name>")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="a model spec or tokenizer folder")
+    p.add_argument("--chat-template", default=None, help="model_args.chat_template (chatml, apertus, a .jinja)")
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--limit", type=int, default=0, help="first N cases only (0: all)")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts, one cold row each")
+    args = p.parse_args(argv)
+
+    from lexfine import models
+    from lexfine.config import build_config
+    from lexfine.data import load_examples
+    from lexfine.data.prepare import tokenized_dataset
+
+    over = [f"model={args.tokenizer}", f"data.train={args.data}", f"train.max_length={args.max_length}"]
+    over += [f"data.limit={args.limit}"] if args.limit else []
+    over += [f"model_args.chat_template={args.chat_template}"] if args.chat_template else []
+    cfg = build_config({}, over)
+    tok = models.load_tokenizer(models.resolve(cfg.model), cfg.model_args)
+    examples = load_examples(cfg.data, seed=cfg.train.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{len(examples)} cases from {args.data}, max_length {args.max_length}, tokenizer {args.tokenizer}; "
+          f"{cores} cores of {cpu_name()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"| {'row':<22} | workers | seconds | cases/s | cache hit |")
+    print("|---|---|---|---|---|")
+    reference = None
+    for w in [int(x) for x in args.workers.split(",")]:
+        os.environ["LEXFINE_TOKENIZED_CACHE"] = tempfile.mkdtemp(prefix="lexfine-bench-")
+        t = time.perf_counter()
+        ds, stats = tokenized_dataset(tok, examples, cfg.train.max_length, cfg.data.loss_on, cfg.data.truncation,
+                                      progress=False, workers=w)
+        dt = time.perf_counter() - t
+        reference = ds[:] if reference is None else reference
+        same = "" if ds[:] == reference else "  DIFFERS FROM THE FIRST ROW"
+        print(f"| {'cold, ' + ('serial' if w == 1 else 'parallel'):<22} | {w} | {dt:.1f} | {len(examples) / dt:.0f} | "
+              f"{stats.cache_hit} |{same}")
+    t = time.perf_counter()
+    ds, stats = tokenized_dataset(tok, examples, cfg.train.max_length, cfg.data.loss_on, cfg.data.truncation,
+                                  progress=False)
+    dt = time.perf_counter() - t
+    print(f"| {'cached (second run)':<22} | - | {dt:.2f} | {len(examples) / dt:.0f} | {stats.cache_hit} |")
+    return 0 if ds[:] == reference else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""TimingsCallback on a simulated step sequence: warm-up, steady rate, recompiles after warm-up, process start."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from lexfine.train import timings
+
+
+def test_steady_rate_and_recompiles_leave_out_the_warmup(monkeypatch):
+    clock = {"t": 0.0, "compiled": 0}
+    monkeypatch.setattr(timings.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(timings, "dynamo_compilations", lambda: clock["compiled"])
+    written = []
+    cb = timings.TimingsCallback(written.append, {"data_prep_s": 1.0, "model_load_s": 2.0}, started=0.0)
+    state = SimpleNamespace(max_steps=40, global_step=0)
+    cb.on_train_begin(None, state, None)
+    assert cb.warmup == 4  # 40 steps: the first 4 are warm-up
+    tokens = 0
+    for step in range(1, 41):
+        clock["t"] += 30.0 if step <= 2 else 1.0  # slow start: compiling
+        clock["compiled"] += 3 if step <= 2 else (1 if step == 20 else 0)  # one recompile after warm-up
+        tokens += 100 if step <= 4 else 1000
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+        cb.on_log(None, state, None, logs={"loss": 1.0, "num_tokens": tokens})
+    cb.on_train_end(None, state, None)
+    final = written[-1]
+    assert final["recompiles"] == 1 and final["warmup_steps"] == 4
+    assert final["steady_tokens_per_s"] == 1000.0  # steps 5-40: 36 x 1000 tokens in 36 s
+    assert final["data_prep_s"] == 1.0 and final["first_step_s"] > 0
+    assert written[0].keys() == {"data_prep_s", "model_load_s", "first_step_s"}  # written as soon as step 1 ends
+
+
+def test_warmup_steps():
+    assert [timings.warmup_steps(n) for n in (0, 4, 20, 150, 1000)] == [1, 1, 2, 10, 10]
+
+
+def test_process_start_counts_interpreter_start_up():
+    # transformers stubbed out: importing it would only slow the test down
+    code = "import sys, time, types; t = time.time(); time.sleep(1.0); m = types.ModuleType('transformers'); " \
+           "m.TrainerCallback = object; sys.modules['transformers'] = m; " \
+           "from lexfine.train.timings import process_start_time; print(time.time() - process_start_time(), " \
+           "time.time() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                         timeout=300)
+    age, since_sleep = map(float, out.stdout.split())
+    assert since_sleep < age < since_sleep + 30  # the sleep and the interpreter start before it

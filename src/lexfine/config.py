@@ -333,13 +333,24 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {str(path)!r} (give a YAML path, e.g. configs/exp/quickstart.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_utf8(p, "config file")) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a file, or a one-line ConfigError when its bytes are not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line}; "
+                          "save it as UTF-8") from None
 
 
 def build_config(base: dict | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from lexfine.errors import LexfineError
+from lexfine.rundir import RunDir
 
 CURVE_COLUMNS = ("step", "loss", "tokens", "lr", "elapsed_s")
 # Folders inside a run directory that never hold runs: do not walk into them (checkpoints can be huge).
@@ -213,9 +214,9 @@ def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
 def load_run_dir(path: Path) -> Run:
     try:
         cfg = _read_config(path / "config.yaml")
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise LexfineError(f"cannot read run directory {str(path)!r}: {e}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
+        raise LexfineError(f"cannot read run directory {str(path)!r}: {' '.join(str(e).split())}") from None
+    manifest = RunDir(path).manifest()  # a one-line LexfineError when it is not a JSON object
     rows = []
     mpath = path / "metrics.jsonl"
     if mpath.is_file():

@@ -83,11 +83,11 @@ class DataArgs(Section):
 
 
 class TrainArgs(Section):
-    lr: float = Field(1e-4, gt=0)
-    """Peak learning rate."""
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    """Peak learning rate (finite, > 0)."""
     max_steps: int = -1
-    """Optimizer steps; -1 trains for `epochs`."""
-    epochs: float = Field(1.0, gt=0)
+    """Optimizer steps (>= 1); -1 trains for `epochs`."""
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     """Passes over the data when max_steps is -1."""
     batch_size: int = Field(4, ge=1)
     """Sequences per device per micro-step."""
@@ -96,15 +96,15 @@ class TrainArgs(Section):
     max_length: int = Field(4096, ge=16)
     """Maximum tokens per example; longer examples have their facts cut (see data.truncation)."""
     lr_scheduler: str = "constant"
-    """LR schedule (transformers names: constant, cosine, linear, ...). The study used constant."""
+    """LR schedule, a transformers SchedulerType name (constant, cosine, linear, ...). The study used constant."""
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     """Fraction of steps for linear warm-up (0: none, as in the study)."""
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, allow_inf_nan=False)
     """Gradient clipping norm."""
     optim: str = "adamw_torch"
-    """transformers optimizer name (adamw_torch, adamw_torch_fused, ...)."""
+    """A transformers OptimizerNames value (adamw_torch, adamw_torch_fused, ...)."""
     seed: int = 42
     """Seed for data order, LoRA init and dropout."""
     bf16: bool | None = None
@@ -145,6 +145,40 @@ class TrainArgs(Section):
     """DataLoader worker processes."""
     keep_checkpoints: bool = False
     """Keep the resumable checkpoints (optimizer states included) after the run completed. Off: delete them."""
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("give a number of optimizer steps >= 1, or -1 to train for train.epochs")
+        return v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return _transformers_name(v, "transformers.trainer_utils", "SchedulerType", _COMMON_SCHEDULERS, "LR schedule")
+
+    @field_validator("optim")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        return _transformers_name(v, "transformers.training_args", "OptimizerNames", _COMMON_OPTIMIZERS, "optimizer")
+
+
+# Accepted without importing transformers (seconds: torch comes with it), so `config show` stays fast; any other
+# name is checked against transformers' own enum. tests/unit/test_config_values.py keeps these a subset of it.
+_COMMON_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_min_lr")
+_COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
+
+
+def _transformers_name(value: str, module: str, enum: str, common: tuple[str, ...], what: str) -> str:
+    if value in common:
+        return value
+    import importlib
+
+    allowed = [e.value for e in getattr(importlib.import_module(module), enum)]
+    if value not in allowed:
+        raise ValueError(f"unknown {what}; allowed (transformers {enum}): {', '.join(allowed)}")
+    return value
 
 
 class EvalArgs(Section):
@@ -300,13 +334,24 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {str(path)!r} (give a YAML path, e.g. configs/exp/quickstart.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_utf8(p, "config file")) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a file, or a one-line ConfigError when its bytes are not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line}; "
+                          "save it as UTF-8") from None
 
 
 def build_config(base: dict | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -23,6 +23,12 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = True) -> Path
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LexfineError(f"--out {str(out)!r} exists and is not empty; choose a new folder")
+    if cfg.method == "lora":
+        from lexfine.adapter_files import check_adapter_dir
+
+        check_adapter_dir(rd.adapter_dir)
+    elif not (rd.model_dir / "config.json").is_file():
+        raise LexfineError(f"run {rd.path.name} has no model/config.json; retrain it (`lexfine train --force`)")
     if cfg.method == "full":
         import shutil
 

@@ -176,7 +176,21 @@ class RunDir:
 
     # manifest ----------------------------------------------------------------------------
     def manifest(self) -> dict:
-        return read_json(self.manifest_path) if self.manifest_path.exists() else {}
+        """The manifest ({} before the run exists); a LexfineError (one line) when it is not a JSON object."""
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            m = json.loads(self.manifest_path.read_bytes())
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            m, why = None, f"not JSON ({' '.join(str(e).split())[:80]})"
+        else:
+            why = f"a JSON {type(m).__name__}, not an object"
+        if not isinstance(m, dict):
+            from lexfine.errors import LexfineError
+
+            raise LexfineError(f"{str(self.manifest_path)!r} is {why}; restore it from a backup, or delete the run "
+                               f"directory {str(self.path)!r} to train the run again")
+        return m
 
     def update_manifest(self, **fields: Any) -> dict:
         m = self.manifest()

@@ -68,6 +68,10 @@ def from_run(path: str | Path, cfg: RunConfig | None = None, base: str | None = 
     else:
         raise ModelError(f"run {str(rd.path)!r} has no adapter/ or model/ (status: {rd.status}); train it to the end "
                          f"first, or evaluate its base model with `lexfine eval {cfg.model}`")
+    if weights == "adapter":
+        from lexfine.adapter_files import check_adapter_dir
+
+        check_adapter_dir(rd.adapter_dir)  # before any data is read or a base model is loaded
     if base and weights == "full":
         raise ModelError(f"--base applies to LoRA runs only; {str(rd.path)!r} holds full weights")
     max_length = cfg.eval_options.max_length or cfg.train.max_length

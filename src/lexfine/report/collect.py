@@ -23,6 +23,7 @@ from lexfine.errors import LexfineError
 from lexfine.report import wandb_export
 from lexfine.report.runs import (Run, RunSet, headline, make_curve, size_from_name, size_from_params,
                                  size_sort_key, throughput_from_curve, to_float)
+from lexfine.rundir import RunDir
 
 # Folders inside a run directory that never hold runs: do not walk into them (checkpoints can be huge).
 _SKIP_DIRS = {"checkpoints", "eval", "adapter", "model", "__pycache__"}
@@ -90,9 +91,9 @@ def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
 def load_run_dir(path: Path) -> Run:
     try:
         cfg = _read_config(path / "config.yaml")
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise LexfineError(f"cannot read run directory {str(path)!r}: {e}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
+        raise LexfineError(f"cannot read run directory {str(path)!r}: {' '.join(str(e).split())}") from None
+    manifest = RunDir(path).manifest()  # a one-line LexfineError when it is not a JSON object
     rows = []
     mpath = path / "metrics.jsonl"
     if mpath.is_file():

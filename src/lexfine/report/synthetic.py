@@ -46,7 +46,7 @@ def write_run(
     """Write one run directory under `root` and return its path. `evals`: {"sjp-loglik": {"accuracy": ..}}."""
     cfg = RunConfig.model_validate({
         "name": name, "model": model, "method": method, "lora": {"r": rank}, "output_dir": str(root),
-        "train": {"lr": lr, "seed": seed, "max_steps": len(losses)},
+        "train": {"lr": lr, "seed": seed, "max_steps": len(losses) or 1},  # 0 steps is not a valid config
         "launch": {"num_processes": world_size, "num_machines": num_nodes},
     })
     rd = RunDir(cfg.run_dir())

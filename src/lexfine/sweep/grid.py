@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from lexfine.config import RunConfig, load_yaml, parse_override, set_dotted, validate
+from lexfine.config import RunConfig, load_yaml, parse_override, read_utf8, set_dotted, validate
 from lexfine.errors import ConfigError
 from lexfine.sweep.names import fmt_value, run_name
 
@@ -112,7 +112,7 @@ def read_sweep_file(path: str | Path) -> tuple[dict, str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {str(path)!r} (e.g. configs/sweep/tiny_cpu.yaml)")
-    text = p.read_text()
+    text = read_utf8(p, "sweep file")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except ConfigError as e:

@@ -15,6 +15,7 @@ A missing or unknown field, or a value that cannot go into a script safely, is a
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,6 +185,18 @@ def _check_profile(p: SlurmProfile, where: str) -> None:
     for line in [*p.sbatch_extra, *(p.eval.sbatch_extra or []), *p.srun_extra]:
         if any(c in line for c in "\n\r\x00"):
             raise ConfigError(f"slurm profile {where!r}: {line!r} holds a line break; give one option per item")
+    # Split into words (lexfine) or pasted into the batch script as shell (the rest): an unbalanced quote would
+    # only fail inside the job, hours later.
+    shell = [("lexfine", p.lexfine, False)]
+    shell += [("setup", line, True) for line in p.setup]
+    shell += [(key, line, False) for key, lines in (("sbatch_extra", [*p.sbatch_extra, *(p.eval.sbatch_extra or [])]),
+                                                     ("srun_extra", p.srun_extra)) for line in lines]
+    for key, value, comments in shell:
+        try:
+            shlex.split(value, comments=comments)
+        except ValueError as e:
+            raise ConfigError(f"slurm profile {where!r}: {key} {value!r} has an unbalanced quote or a trailing "
+                              f"backslash ({str(e).lower()}); close the quote") from None
     for key in p.env:
         if not ENV_KEY_RE.fullmatch(key):
             raise ConfigError(f"slurm profile {where!r}: env name {key!r} is not a valid variable name")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 
 def run(cfg):
+    from lexfine.train.diskfull import full_disk_is_one_line
     from lexfine.train.sft import run as _run
 
-    return _run(cfg)
+    with full_disk_is_one_line(cfg.run_dir()):
+        return _run(cfg)
 
 
 __all__ = ["run"]

@@ -13,37 +13,42 @@ from lexfine.rundir import RunDir
 class MetricsCallback(TrainerCallback):
     """One row per logged step: step, epoch, loss, learning_rate, grad_norm, num_tokens, tokens_per_s, elapsed_s.
 
-    `num_tokens` is TRL's count of real (attention-mask) tokens over all ranks; tokens/s is measured between
-    two logs, so it covers data loading, forward, backward and the optimizer step.
+    `num_tokens` is the Trainer's `state.num_input_tokens_seen` (real, attention-mask tokens over all ranks; build_args
+    turns it on). It is saved in every checkpoint's trainer_state.json and restored with it, so after a resume the
+    count goes on exactly where the checkpoint left it (TRL's own counter restarts at 0). tokens/s is measured
+    between two logs, so it covers data loading, forward, backward and the optimizer step.
     """
 
     def __init__(self, run_dir: RunDir, elapsed_offset: float = 0.0, resumed_tokens: int = 0):
         self.run_dir = run_dir
         self.elapsed_offset = elapsed_offset
-        self.resumed_tokens = resumed_tokens  # tokens seen before the checkpoint this process resumed from
+        # tokens in the metrics.jsonl row of the checkpoint resumed from: used only for a checkpoint whose
+        # trainer_state.json holds no token count (written before lexfine counted tokens there)
+        self.resumed_tokens = resumed_tokens
         self.tokens_offset = 0
         self.start = None
         self.last_time = None
         self.last_tokens = None
-        self.rows = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self.start = self.last_time = time.perf_counter()
+        if state.global_step > 0 and not state.num_input_tokens_seen and self.resumed_tokens:
+            self.tokens_offset = self.resumed_tokens
+        self.last_tokens = self._tokens(args, state)
+
+    def _tokens(self, args, state) -> int | None:
+        if getattr(args, "include_num_input_tokens_seen", "no") == "no":
+            return None  # a Trainer built without build_args: no count
+        return int(state.num_input_tokens_seen) + self.tokens_offset
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now = time.perf_counter()
-        tokens = logs.get("num_tokens")
-        if tokens is not None and self.rows == 0 and self.resumed_tokens and tokens < self.resumed_tokens:
-            # TRL's token counter is not in its checkpoints: it restarts at 0 on resume, so continue the count.
-            self.tokens_offset = self.resumed_tokens
-        tokens = int(tokens) + self.tokens_offset if tokens is not None else None
+        tokens = self._tokens(args, state)
         rate = None
         if tokens is not None and self.last_tokens is not None and now > self.last_time:
             rate = (tokens - self.last_tokens) / (now - self.last_time)
-        elif tokens is not None and self.rows == 0 and now > self.start:
-            rate = (tokens - max(self.tokens_offset, self.resumed_tokens)) / (now - self.start)
         loss = float(logs["loss"])
         row = {
             "step": state.global_step,
@@ -57,4 +62,3 @@ class MetricsCallback(TrainerCallback):
         }
         self.run_dir.append_metrics(row)
         self.last_time, self.last_tokens = now, tokens
-        self.rows += 1

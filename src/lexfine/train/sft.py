@@ -88,6 +88,8 @@ def build_args(cfg: RunConfig, rd: RunDir):
         use_liger_kernel=t.liger,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # counted into trainer_state.json, so a resume continues the count exactly (metrics.jsonl num_tokens)
+        include_num_input_tokens_seen="all" if t.padding_free else "non_padding",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -245,6 +247,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         os.replace(tmp, out)
         rows = rd.metrics()
         tokens = rows[-1]["num_tokens"] if rows and rows[-1].get("num_tokens") is not None else None
+        tokens = max(int(trainer.state.num_input_tokens_seen), tokens or 0) or None  # steps after the last log too
         rd.set_status(
             "completed", finished=now_iso(), wall_time_s=round(wall, 2), steps=trainer.state.global_step,
             final_loss=rows[-1]["loss"] if rows else None, train_loss_mean=result.training_loss,

@@ -199,15 +199,12 @@ class RunDir:
             atomic_write_json(self.manifest_path, {"run_id": run_id, "status": "planned", "created": now_iso()})
 
     # checkpoints -------------------------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.is_dir():
-            return None
-        found = []
-        for p in self.checkpoints.glob("checkpoint-*"):
-            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-            if m and (p / "trainer_state.json").exists():
-                found.append((int(m.group(1)), p))
-        return max(found)[1] if found else None
+    def latest_checkpoint(self, discard_incomplete: bool = False) -> Path | None:
+        """The newest *complete* checkpoint (see lexfine.checkpoints); incomplete newer ones are skipped, with
+        `discard_incomplete` (the lock holder only) removed."""
+        from lexfine.checkpoints import latest_complete
+
+        return latest_complete(self.checkpoints, discard=discard_incomplete)
 
     # metrics -----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:

@@ -30,3 +30,8 @@ class DataError(LexfineError):
 
 class ModelError(LexfineError):
     pass
+
+
+def exit_code_for_status(status: str | None) -> int:
+    """What `lexfine train` exits with once run() returned, from the run's manifest status."""
+    return {"interrupted": EXIT_INTERRUPTED}.get(status or "", 0)

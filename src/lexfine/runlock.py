@@ -1,0 +1,249 @@
+"""One run, one writer: a lock file per run directory, told apart from a stale one on a shared filesystem.
+
+    <run_dir>/run.lock   {"host", "pid", "started", "heartbeat" (unix time), "heartbeat_iso", "token", "argv"}
+
+Acquiring is atomic on local disks and NFS/Lustre/GPFS alike: the holder's record is written to a private temp
+file and hard-linked to `run.lock` (link fails if the name exists). While held, a daemon thread rewrites the
+record every HEARTBEAT_S seconds (temp file + rename). A lock is stale, and may be taken over, when
+  - its heartbeat is older than STALE_AFTER x HEARTBEAT_S seconds (the holder's node died or lost the filesystem;
+    works across nodes, tolerates clock skew well under that margin), or
+  - it was taken on this host and its pid is no longer alive (a kill -9 here: no need to wait).
+A takeover renames the stale file to a unique name, then checks that what it moved is the record it judged stale
+(two takers racing: the loser moved the winner's fresh lock, puts it back and reports the run as locked).
+
+Processes started by a lock holder for the same run (`lexfine train` with num_processes > 1 launches
+`accelerate launch` children) inherit LEXFINE_RUN_LOCK=<run dir>: their RunLock is a no-op.
+The manifest's read-modify-write updates take a short `flock` on `.manifest.lock` (see `manifest_lock`) so that
+`lexfine eval` recording a result cannot overwrite what the trainer writes at the same moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lexfine.errors import LexfineError
+
+LOCK_NAME = "run.lock"
+ENV_HELD = "LEXFINE_RUN_LOCK"
+HEARTBEAT_S = float(os.environ.get("LEXFINE_LOCK_HEARTBEAT_S", "30"))
+STALE_AFTER = 4
+log = logging.getLogger("lexfine.lock")
+
+
+class RunLockedError(LexfineError):
+    """Another live process holds the run's lock. `lexfine train` exits with errors.EXIT_LOCKED (73)."""
+
+    def __init__(self, run_dir: Path, holder: dict):
+        self.holder = holder
+        super().__init__(f"run {Path(run_dir).name} is locked by {describe(holder)}: it is training elsewhere; "
+                         f"wait for it, or stop that process (a dead holder's lock expires after "
+                         f"{int(STALE_AFTER * HEARTBEAT_S)} s without heartbeat)")
+
+
+def describe(holder: dict) -> str:
+    age = time.time() - float(holder.get("heartbeat") or 0)
+    return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+            f"(heartbeat {max(age, 0):.0f} s ago)")
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # exists but belongs to someone else (or unreadable): assume alive
+    return True
+
+
+def is_stale(info: dict | None, lock_path: Path | None = None, now: float | None = None) -> bool:
+    now = time.time() if now is None else now
+    if info is None:  # unreadable: judge by the file's age (a half-written record cannot exist, but be safe)
+        try:
+            return lock_path is not None and now - lock_path.stat().st_mtime > STALE_AFTER * HEARTBEAT_S
+        except OSError:
+            return True
+    beat = info.get("heartbeat")
+    if not isinstance(beat, (int, float)) or now - beat > STALE_AFTER * float(info.get("heartbeat_s") or HEARTBEAT_S):
+        return True
+    return info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid"))
+
+
+def lock_holder(run_dir: str | Path) -> dict | None:
+    """The live holder's record (host, pid, started, heartbeat, ...); None when the run is free or its lock stale."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.exists():
+        return None
+    info = _read(path)
+    return None if is_stale(info, path) else (info or {"host": "?", "pid": "?", "started": "?"})
+
+
+def _write_tmp(directory: Path, info: dict) -> Path:
+    tmp = directory / f".{LOCK_NAME}.{info['token']}.{uuid.uuid4().hex[:6]}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(info) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+class RunLock:
+    """`with RunLock(run_dir): ...` holds the run's lock (raising RunLockedError when a live process has it)."""
+
+    def __init__(self, run_dir: str | Path, heartbeat_s: float | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self.inherited = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self, started: str | None = None) -> dict:
+        now = time.time()
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": started or _iso(now),
+                "heartbeat": now, "heartbeat_iso": _iso(now), "heartbeat_s": self.heartbeat_s,
+                "token": self.token, "argv": " ".join(sys.argv)[:300]}
+
+    def acquire(self) -> "RunLock":
+        held = os.environ.get(ENV_HELD)
+        if held and Path(held).resolve() == self.run_dir.resolve():
+            self.inherited = True  # our launching process holds it
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._started = _iso(time.time())
+        for _ in range(5):
+            tmp = _write_tmp(self.run_dir, self._record(self._started))
+            try:
+                os.link(tmp, self.path)
+                self.held = True
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.held:
+                break
+            info = _read(self.path)
+            if not is_stale(info, self.path):
+                if info is None and self.path.exists():
+                    time.sleep(0.2)  # cannot happen with link(); a foreign writer mid-write: look again
+                    continue
+                if info is not None:
+                    raise RunLockedError(self.run_dir, info)
+                continue
+            self._take_over(info)
+        if not self.held:
+            raise RunLockedError(self.run_dir, _read(self.path) or {"host": "?", "pid": "?", "started": "?"})
+        self._thread = threading.Thread(target=self._beat, name="lexfine-run-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take_over(self, stale: dict | None) -> None:
+        aside = self.run_dir / f".{LOCK_NAME}.stale.{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another taker moved it first: try to create ours
+        moved = _read(aside)
+        if stale is not None and moved is not None and moved.get("token") != stale.get("token"):
+            # We moved a fresh lock that a faster taker had just created: give it back.
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            raise RunLockedError(self.run_dir, moved)
+        log.warning("took over the stale lock of %s: %s", self.run_dir.name, describe(stale or {}))
+        aside.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                current = _read(self.path)
+                if current is not None and current.get("token") != self.token:
+                    log.error("the lock of %s was taken over by %s (this process missed its heartbeats)",
+                              self.run_dir.name, describe(current))
+                    return
+                tmp = _write_tmp(self.run_dir, self._record(self._started))
+                os.replace(tmp, self.path)
+            except OSError as e:  # a full disk or a lost mount: keep trying, the holder is still alive
+                log.warning("could not refresh the lock of %s: %s", self.run_dir.name, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.held:
+            current = _read(self.path)
+            if current is not None and current.get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def child_env(self) -> dict:
+        """Environment for processes that work for this holder on the same run (they must not lock it again)."""
+        return {**os.environ, ENV_HELD: str(self.run_dir.resolve())}
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def manifest_lock(run_dir: str | Path):
+    """A short exclusive flock around a manifest read-modify-write. Where the filesystem has no flock (some Lustre
+    mounts), it degrades to no lock: the run lock still keeps the trainer the only training writer."""
+    path = Path(run_dir) / ".manifest.lock"
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def effective_status(run_dir: str | Path, manifest: dict | None = None) -> str | None:
+    """The manifest's status, except that `running` without a live lock holder is `dead` (killed, or its node
+    lost): rerunning the same command resumes it."""
+    if manifest is None:
+        try:
+            manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+    status = manifest.get("status") if isinstance(manifest, dict) else None
+    if status == "running" and lock_holder(run_dir) is None:
+        return "dead"
+    return status

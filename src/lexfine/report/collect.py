@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from lexfine.errors import LexfineError
+from lexfine.runlock import effective_status
 
 CURVE_COLUMNS = ("step", "loss", "tokens", "lr", "elapsed_s")
 # Folders inside a run directory that never hold runs: do not walk into them (checkpoints can be huge).
@@ -255,7 +256,7 @@ def load_run_dir(path: Path) -> Run:
         evals=_read_evals(path, manifest),
         base_evals={k: headline(v) for k, v in sorted((manifest.get("base_evals") or {}).items())
                     if isinstance(v, dict)},
-        status=manifest.get("status"),
+        status=effective_status(path, manifest),  # a killed run reads `dead`, not `running`
         tokens_per_s=tps if tps and tps > 0 else throughput_from_curve(curve),
         world_size=manifest.get("world_size") or hw.get("world_size") or launch.get("num_processes"),
         num_nodes=manifest.get("num_nodes") or hw.get("num_nodes") or launch.get("num_machines"),

@@ -28,12 +28,16 @@ from typing import Callable
 import yaml
 
 from lexfine.config import RunConfig
+from lexfine.errors import EXIT_LOCKED
 from lexfine.rundir import RunDir, atomic_write_text, now_iso, read_jsonl, write_jsonl
+from lexfine.runlock import RunLockedError, describe, lock_holder
 from lexfine.sweep.grid import PlannedRun, Sweep
 
 STATE_FILE = "sweep.jsonl"
 # The training process only trains: evaluations run afterwards as their own commands (locally and on SLURM).
 NO_EVAL = "eval=[]"
+# A run whose lock another live process holds (its training exits errors.EXIT_LOCKED): skipped, not failed.
+RUNNING_ELSEWHERE = "running elsewhere (locked by another process)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,11 +216,15 @@ def _train(sweep: Sweep, run: PlannedRun, launcher: str, in_process: bool, verbo
 
         try:
             train_run(run.config.model_copy(update={"eval": []}))
+        except RunLockedError:
+            return False, RUNNING_ELSEWHERE
         except Exception as e:  # the run directory says failed; the sweep goes on
             return False, _error_line(rd, f"{type(e).__name__}: {e}")
     else:
         cmd = train_command(sweep, run, launcher)
         code = _run_logged(cmd, log, verbose, echo)
+        if code == EXIT_LOCKED:  # another process trains this run: it did nothing, and its manifest is not ours
+            return False, RUNNING_ELSEWHERE
         if code and rd.status != "completed":
             if rd.status in (None, "planned", "running"):
                 # Killed before it could say so (OOM killer, segfault): never leave it looking alive.
@@ -267,6 +275,10 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
         if status == "completed":
             state, detail = "skipped", "completed before"
             echo(f"{head}: completed, skipping training")
+        elif lock_holder(rd.path):
+            outcomes.append(Outcome(run, "skipped", RUNNING_ELSEWHERE))
+            echo(f"{head}: {RUNNING_ELSEWHERE} ({describe(lock_holder(rd.path) or {})}), skipping")
+            continue
         elif status == "failed" and not retry_failed:
             outcomes.append(Outcome(run, "failed", "failed before (use --retry-failed)"))
             echo(f"{head}: failed before, not retried")
@@ -282,6 +294,11 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
                     rd.set_status("interrupted", error="interrupted by the user (Ctrl-C); rerun to resume")
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status)
                 raise
+            if detail == RUNNING_ELSEWHERE:
+                update_state(sweep.sweep_dir, run.run_id, status=rd.status)
+                outcomes.append(Outcome(run, "skipped", detail, time.perf_counter() - t0))
+                echo(f"{head}: {detail}, skipping")
+                continue
             if not ok:
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status, error=detail.splitlines()[0])
                 outcomes.append(Outcome(run, "failed", detail, time.perf_counter() - t0))

@@ -1,0 +1,49 @@
+"""A dead run does not look alive, and a second sweep runner leaves a locked run alone (issue 16, items 2 and 3)."""
+
+from __future__ import annotations
+
+import yaml
+
+from lexfine.report.collect import load_run_dir
+from lexfine.rundir import RunDir
+from lexfine.runlock import RunLock
+from lexfine.sweep.grid import load_sweep
+from lexfine.sweep.local import RUNNING_ELSEWHERE, prepare, run_sweep
+from lexfine.sweep.status import collect, render
+
+
+def two_run_sweep(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "c", "output_dir": str(tmp_path / "sweeps"),
+                                 "base": {"model": "smollm2-135m", "train": {"max_steps": 4}},
+                                 "grid": {"train.lr": [1e-4, 1e-3]}}))
+    sweep = load_sweep(p)
+    prepare(sweep)
+    return sweep
+
+
+def test_status_tells_a_killed_run_from_a_running_one(tmp_path):
+    sweep = two_run_sweep(tmp_path)
+    alive, killed = (RunDir(r.run_dir) for r in sweep.runs)
+    alive.set_status("running")
+    killed.set_status("running")  # its process was killed -9: the manifest cannot say so
+    with RunLock(alive.path):
+        rows = collect(sweep, query_slurm=False)
+        assert [r["state"] for r in rows] == ["running", "dead"]
+        text = render(rows)
+        assert "1 dead, 1 running" in text and "rerun to resume" in text
+        assert load_run_dir(killed.path).status == "dead" and load_run_dir(alive.path).status == "running"
+
+
+def test_a_second_sweep_runner_skips_the_locked_run_and_takes_the_rest(tmp_path):
+    sweep = two_run_sweep(tmp_path)
+    locked, done = sweep.runs
+    RunDir(locked.run_dir).set_status("running")
+    RunDir(done.run_dir).set_status("completed", steps=4)
+    before = RunDir(locked.run_dir).manifest_path.read_text()
+    lines: list[str] = []
+    with RunLock(locked.run_dir):
+        outcomes = run_sweep(sweep, evaluate=False, echo=lines.append)
+    assert [(o.state, o.detail) for o in outcomes] == [("skipped", RUNNING_ELSEWHERE), ("skipped", "completed before")]
+    assert RunDir(locked.run_dir).manifest_path.read_text() == before  # the holder's manifest is not touched
+    assert "running elsewhere" in lines[0] and "pid" in lines[0]

@@ -105,9 +105,15 @@ def train(
     from lexfine.train import run
     from lexfine.train.launch import pin_single_process
 
-    pin_single_process(cfg.launch.num_processes)
+    from lexfine.errors import EXIT_INTERRUPTED
+    from lexfine.train.signals import Interrupted
 
-    rd = run(cfg)
+    pin_single_process(cfg.launch.num_processes)
+    try:
+        rd = run(cfg)
+    except Interrupted as e:  # SIGTERM/SIGUSR1 outside the training loop (typer would turn it into exit 130)
+        typer.echo(f"error: {e}; the run directory says what was kept: {rd_path}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(rd.path)
     if exit_code_for_status(rd.status):
         typer.echo(f"run {rd.status}: {rd.manifest().get('error') or ''}", err=True)
@@ -193,7 +199,7 @@ _register_plugins()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
-    from lexfine.errors import EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USER_ERROR
+    from lexfine.errors import EXIT_LOCKED, EXIT_USER_ERROR
 
     try:
         app(args=argv)
@@ -203,12 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
         typer.secho(f"error: {redact(str(e))}", err=True, fg=typer.colors.RED)
         sys.exit(EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR)
-    except KeyboardInterrupt as e:
-        from lexfine.train.signals import Interrupted
-
-        if isinstance(e, Interrupted):  # SIGTERM/SIGUSR1 outside the training loop; the run directory says so
-            typer.secho(f"error: {e}; rerun the same command to resume", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
 

@@ -1,13 +1,16 @@
 """One run, one writer: a lock file per run directory, told apart from a stale one on a shared filesystem.
 
-    <run_dir>/run.lock   {"host", "pid", "started", "heartbeat" (unix time), "heartbeat_iso", "token", "argv"}
+    <run_dir>/run.lock   {"host", "pid", "started", "heartbeat" (unix time), "heartbeat_iso", "heartbeat_s",
+                          "token", "argv", "slurm_job_id", "slurm_restart"}
 
 Acquiring is atomic on local disks and NFS/Lustre/GPFS alike: the holder's record is written to a private temp
 file and hard-linked to `run.lock` (link fails if the name exists). While held, a daemon thread rewrites the
 record every HEARTBEAT_S seconds (temp file + rename). A lock is stale, and may be taken over, when
   - its heartbeat is older than STALE_AFTER x HEARTBEAT_S seconds (the holder's node died or lost the filesystem;
     works across nodes, tolerates clock skew well under that margin), or
-  - it was taken on this host and its pid is no longer alive (a kill -9 here: no need to wait).
+  - it was taken on this host and its pid is no longer alive (a kill -9 here: no need to wait), or
+  - it was taken by an earlier run of this SLURM job (same SLURM_JOB_ID, other SLURM_RESTART_COUNT): a requeued
+    job starts only after SLURM ended the old one, possibly on another node with its lock still fresh.
 A takeover renames the stale file to a unique name, then checks that what it moved is the record it judged stale
 (two takers racing: the loser moved the winner's fresh lock, puts it back and reports the run as locked).
 
@@ -88,6 +91,9 @@ def is_stale(info: dict | None, lock_path: Path | None = None, now: float | None
     beat = info.get("heartbeat")
     if not isinstance(beat, (int, float)) or now - beat > STALE_AFTER * float(info.get("heartbeat_s") or HEARTBEAT_S):
         return True
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and info.get("slurm_job_id") == job and info.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT"):
+        return True  # held by an earlier run of this (requeued) job: SLURM ended all of its processes
     return info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid"))
 
 
@@ -126,7 +132,8 @@ class RunLock:
         now = time.time()
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": started or _iso(now),
                 "heartbeat": now, "heartbeat_iso": _iso(now), "heartbeat_s": self.heartbeat_s,
-                "token": self.token, "argv": " ".join(sys.argv)[:300]}
+                "token": self.token, "argv": " ".join(sys.argv)[:300],
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
 
     def acquire(self) -> "RunLock":
         held = os.environ.get(ENV_HELD)

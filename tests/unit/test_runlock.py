@@ -115,3 +115,13 @@ def test_a_new_status_never_keeps_the_old_error(tmp_path):
     m = rd.set_status("completed", steps=4)
     assert m["status"] == "completed" and not {"error", "traceback", "failed_stage"} & set(m)
     assert rd.set_status("interrupted", error="preempted")["error"] == "preempted"
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_run_at_once(tmp_path, monkeypatch):
+    """SLURM kills a preempted job's processes (maybe on another node, lock still fresh) before requeueing it."""
+    write_lock(tmp_path, host="node-elsewhere", slurm_job_id="4242", slurm_restart=None)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert lock_holder(tmp_path) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "5000")  # another job: the fresh lock stands
+    assert lock_holder(tmp_path)["host"] == "node-elsewhere"

@@ -46,8 +46,10 @@ def wait_for(predicate, timeout=300.0, proc=None):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow  # three `lexfine train` processes (~1-2 min on a busy 2-core CPU, most of it imports)
 def test_second_trainer_is_refused_sigterm_exits_75_and_a_broken_checkpoint_is_skipped(tiny_config, tmp_path):
-    tree = tiny_config(train__max_steps=3, train__save_steps=1)
+    tree = tiny_config(train__max_steps=3, train__save_steps=1, train__batch_size=1, train__max_length=128,
+                       data__limit=8)
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(tree))
     rd = RunDir(validate(tree).run_dir())

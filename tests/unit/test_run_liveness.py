@@ -47,3 +47,38 @@ def test_a_second_sweep_runner_skips_the_locked_run_and_takes_the_rest(tmp_path)
     assert [(o.state, o.detail) for o in outcomes] == [("skipped", RUNNING_ELSEWHERE), ("skipped", "completed before")]
     assert RunDir(locked.run_dir).manifest_path.read_text() == before  # the holder's manifest is not touched
     assert "running elsewhere" in lines[0] and "pid" in lines[0]
+
+
+CHILD = """
+import json, os, sys
+from pathlib import Path
+from lexfine.rundir import RunDir
+from lexfine.runlock import RunLock
+rd = RunDir(os.environ["RUN_DIR"])
+with RunLock(rd.path) as lock:  # a launched rank 0: inherits the parent's lock instead of failing on it
+    assert lock.inherited
+    rd.set_status("interrupted", error="preempted: checkpoint saved")
+sys.exit(1)  # what accelerate launch returns when a worker exited 75
+"""
+
+
+def test_multi_process_parent_holds_the_lock_for_its_children_and_exits_75(tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from lexfine.cli import app
+    from lexfine.config import load_config
+    from lexfine.runlock import lock_holder
+    from lexfine.train import launch
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": "smollm2-135m", "output_dir": str(tmp_path / "runs"),
+                                        "launch": {"num_processes": 2}}))
+    run_dir = load_config(cfg_file, []).run_dir()
+    monkeypatch.setenv("RUN_DIR", str(run_dir))
+    monkeypatch.delenv("LEXFINE_RUN_LOCK", raising=False)
+    monkeypatch.setattr(launch, "local_command", lambda *a, **kw: [sys.executable, "-c", CHILD])
+    res = CliRunner().invoke(app, ["train", str(cfg_file)])
+    assert res.exit_code == 75, res.output
+    assert RunDir(run_dir).status == "interrupted" and lock_holder(run_dir) is None

@@ -102,10 +102,9 @@ def train(
             raise typer.Exit(code)
         typer.echo(rd.path)
         return
+    from lexfine.errors import EXIT_INTERRUPTED
     from lexfine.train import run
     from lexfine.train.launch import pin_single_process
-
-    from lexfine.errors import EXIT_INTERRUPTED
     from lexfine.train.signals import Interrupted
 
     pin_single_process(cfg.launch.num_processes)

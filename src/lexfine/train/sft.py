@@ -42,7 +42,7 @@ def run(cfg: RunConfig) -> RunDir:
         return rd
     main = is_main_process()
     with RunLock(rd.path) if main else nullcontext(), StopOnSignal() as guard:
-        if main and rd.status == "completed":  # finished by another process while we waited for nothing
+        if main and rd.status == "completed":  # the previous holder completed it after our first look
             return rd
         if main:
             rd.create(cfg.to_yaml(), cfg.run_id())

@@ -1,18 +1,20 @@
 """One run, one writer: a lock file per run directory, told apart from a stale one on a shared filesystem.
 
     <run_dir>/run.lock   {"host", "pid", "started", "heartbeat" (unix time), "heartbeat_iso", "heartbeat_s",
-                          "token", "argv", "slurm_job_id", "slurm_restart"}
+                          "pidns", "token", "argv", "slurm_job_id", "slurm_restart"}
 
 Acquiring is atomic on local disks and NFS/Lustre/GPFS alike: the holder's record is written to a private temp
 file and hard-linked to `run.lock` (link fails if the name exists). While held, a daemon thread rewrites the
 record every HEARTBEAT_S seconds (temp file + rename). A lock is stale, and may be taken over, when
   - its heartbeat is older than STALE_AFTER x HEARTBEAT_S seconds (the holder's node died or lost the filesystem;
     works across nodes, tolerates clock skew well under that margin), or
-  - it was taken on this host and its pid is no longer alive (a kill -9 here: no need to wait), or
+  - it was taken on this host, in this pid namespace, and its pid is no longer alive (a kill -9 here: no need to
+    wait; a container sharing the host name but not the pids falls back to the heartbeat), or
   - it was taken by an earlier run of this SLURM job (same SLURM_JOB_ID, other SLURM_RESTART_COUNT): a requeued
     job starts only after SLURM ended the old one, possibly on another node with its lock still fresh.
-A takeover renames the stale file to a unique name, then checks that what it moved is the record it judged stale
-(two takers racing: the loser moved the winner's fresh lock, puts it back and reports the run as locked).
+A takeover is serialized by a `.run.lock.break` file (created the same way): under it the taker checks that the
+lock is still the record it judged stale, removes it and competes for the name again, so a fresh lock made by a
+faster taker is never removed.
 
 Processes started by a lock holder for the same run (`lexfine train` with num_processes > 1 launches
 `accelerate launch` children) inherit LEXFINE_RUN_LOCK=<run dir>: their RunLock is a no-op.
@@ -71,6 +73,13 @@ def _read(path: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -94,7 +103,9 @@ def is_stale(info: dict | None, lock_path: Path | None = None, now: float | None
     job = os.environ.get("SLURM_JOB_ID")
     if job and info.get("slurm_job_id") == job and info.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT"):
         return True  # held by an earlier run of this (requeued) job: SLURM ended all of its processes
-    return info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid"))
+    # The pid means something only in the same pid namespace (containers can share a host name, not their pids).
+    same_pids = info.get("host") == socket.gethostname() and info.get("pidns") == _pid_namespace()
+    return same_pids and not _pid_alive(info.get("pid"))
 
 
 def lock_holder(run_dir: str | Path) -> dict | None:
@@ -132,7 +143,7 @@ class RunLock:
         now = time.time()
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": started or _iso(now),
                 "heartbeat": now, "heartbeat_iso": _iso(now), "heartbeat_s": self.heartbeat_s,
-                "token": self.token, "argv": " ".join(sys.argv)[:300],
+                "pidns": _pid_namespace(), "token": self.token, "argv": " ".join(sys.argv)[:300],
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
 
     def acquire(self) -> "RunLock":
@@ -142,25 +153,21 @@ class RunLock:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._started = _iso(time.time())
-        for _ in range(5):
+        for _ in range(100):
             tmp = _write_tmp(self.run_dir, self._record(self._started))
             try:
                 os.link(tmp, self.path)
                 self.held = True
+                break
             except FileExistsError:
                 pass
             finally:
                 tmp.unlink(missing_ok=True)
-            if self.held:
-                break
             info = _read(self.path)
+            if info is None and not self.path.exists():
+                continue  # released meanwhile
             if not is_stale(info, self.path):
-                if info is None and self.path.exists():
-                    time.sleep(0.2)  # cannot happen with link(); a foreign writer mid-write: look again
-                    continue
-                if info is not None:
-                    raise RunLockedError(self.run_dir, info)
-                continue
+                raise RunLockedError(self.run_dir, info or {"host": "?", "pid": "?", "started": "?"})
             self._take_over(info)
         if not self.held:
             raise RunLockedError(self.run_dir, _read(self.path) or {"host": "?", "pid": "?", "started": "?"})
@@ -169,22 +176,27 @@ class RunLock:
         return self
 
     def _take_over(self, stale: dict | None) -> None:
-        aside = self.run_dir / f".{LOCK_NAME}.stale.{uuid.uuid4().hex[:8]}"
+        """Remove the stale lock, one taker at a time: the `.break` file (created like the lock itself) makes sure
+        that no one removes a lock that a faster taker has just created. The caller then links its own."""
+        breaker = self.run_dir / f".{LOCK_NAME}.break"
+        tmp = _write_tmp(self.run_dir, self._record(self._started))
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another taker moved it first: try to create ours
-        moved = _read(aside)
-        if stale is not None and moved is not None and moved.get("token") != stale.get("token"):
-            # We moved a fresh lock that a faster taker had just created: give it back.
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            raise RunLockedError(self.run_dir, moved)
-        log.warning("took over the stale lock of %s: %s", self.run_dir.name, describe(stale or {}))
-        aside.unlink(missing_ok=True)
+            os.link(tmp, breaker)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - breaker.stat().st_mtime > 60:  # a taker died between the two steps
+                    breaker.unlink()
+            time.sleep(0.02)
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            current = _read(self.path)
+            if (current or {}).get("token") == (stale or {}).get("token") and self.path.exists():
+                self.path.unlink(missing_ok=True)
+                log.warning("took over the stale lock of %s: %s", self.run_dir.name, describe(stale or {}))
+        finally:
+            breaker.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

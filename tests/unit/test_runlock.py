@@ -13,12 +13,13 @@ import pytest
 
 from lexfine.errors import LexfineError
 from lexfine.rundir import RunDir
-from lexfine.runlock import ENV_HELD, LOCK_NAME, RunLock, RunLockedError, effective_status, lock_holder
+from lexfine.runlock import (ENV_HELD, LOCK_NAME, RunLock, RunLockedError, _pid_namespace, effective_status,
+                             lock_holder)
 
 
 def write_lock(run_dir, **info):
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": 1, "started": "2026-11-28T08:00:00+00:00",
+    record = {"host": socket.gethostname(), "pid": 1, "pidns": _pid_namespace(), "started": "2026-11-28T08:00:00+00:00",
               "heartbeat": time.time(), "token": "t0", **info}
     (run_dir / LOCK_NAME).write_text(json.dumps(record))
 
@@ -48,6 +49,13 @@ def test_a_dead_holder_on_this_host_is_stale_at_once(tmp_path):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
 
 
+def test_a_dead_pid_in_another_pid_namespace_is_judged_by_the_heartbeat(tmp_path):
+    write_lock(tmp_path, pid=dead_pid(), pidns=12345)  # a container with this host name: its pids are not ours
+    assert lock_holder(tmp_path) is not None
+    write_lock(tmp_path, pid=dead_pid(), pidns=12345, heartbeat=time.time() - 3600)
+    assert lock_holder(tmp_path) is None
+
+
 def test_another_node_is_judged_by_its_heartbeat(tmp_path):
     write_lock(tmp_path, host="node-elsewhere", pid=dead_pid(), heartbeat=time.time() - 5)
     assert lock_holder(tmp_path)["host"] == "node-elsewhere"  # its pid means nothing here: fresh heartbeat wins
@@ -66,7 +74,8 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert lock_holder(tmp_path)["heartbeat"] > first
 
 
-def test_racing_takers_of_a_stale_lock_get_exactly_one_winner(tmp_path):
+@pytest.mark.parametrize("attempt", range(5))
+def test_racing_takers_of_a_stale_lock_get_exactly_one_winner(tmp_path, attempt):
     write_lock(tmp_path, host="node-elsewhere", heartbeat=0)
     winners, losers, barrier = [], [], threading.Barrier(8)
 

@@ -74,7 +74,7 @@ def _record_failure(rd: RunDir, e: BaseException) -> None:
             rd.update_manifest(eval_error=f"{detail}: the evaluations after training did not finish; "
                                           "run them with `lexfine eval`")
         return
-    stage = "training" if rd.metrics_path.exists() or rd.latest_checkpoint() else "setup"
+    stage = "training" if rd.metrics_path.exists() or any(rd.checkpoints.glob("checkpoint-*")) else "setup"
     if isinstance(e, KeyboardInterrupt):
         why = detail if isinstance(e, Interrupted) else "interrupted (Ctrl-C)"
         rd.set_status("interrupted", error=f"{why} during {stage}: rerun the same command to resume")

@@ -93,3 +93,15 @@ def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
     cut(make_ckpt(tmp_path, 2) / "trainer_state.json")
     assert latest_complete(tmp_path) is None
     assert latest_complete(tmp_path / "absent") is None
+
+
+def test_a_fresh_start_after_a_broken_only_checkpoint_logs_every_step_once(tmp_path):
+    from lexfine.train.sft import _resume_state
+
+    rd = RunDir(tmp_path / "r")
+    rd.create("name: r\n", "r-1")
+    for s in (1, 2):
+        rd.append_metrics({"step": s, "loss": 1.0})
+    cut(make_ckpt(rd.checkpoints, 2) / "trainer_state.json")
+    assert _resume_state(rd, main=True) == (None, 0.0, 0)
+    assert rd.metrics() == [] and not (rd.checkpoints / "checkpoint-2").exists()

@@ -192,6 +192,8 @@ def load_dataset(cfg: RunConfig, tokenizer):
 def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
     ckpt = rd.latest_checkpoint(discard_incomplete=main)
     if ckpt is None:
+        if main and rd.metrics_path.exists():
+            rd.truncate_metrics_after(0)  # no complete checkpoint: training starts over and logs every step again
         return None, 0.0, 0
     step = int(ckpt.name.split("-")[1])
     rows = [r for r in rd.metrics() if r.get("step", 0) <= step]

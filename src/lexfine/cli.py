@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -120,13 +121,25 @@ def train(
 
 
 def _call_forwarding_signals(cmd: list[str], env: dict) -> int:
-    """Run the launcher; SIGTERM/SIGUSR1/SIGINT sent to this process reach it (and so the training processes)."""
+    """Run the launcher in its own process group. SIGTERM/SIGUSR1 sent to this process reach the training processes
+    as SIGUSR1 (checkpoint and stop at the next step); the launcher ignores SIGUSR1 (its default action would kill
+    it, and a launcher's SIGTERM handling kills its workers after a short grace). SIGINT is passed on as is."""
     import signal
     import subprocess
 
-    proc = subprocess.Popen(cmd, env=env)
+    def ignore_usr1():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the training processes install their own handler
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=ignore_usr1)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
     forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in forwarded}
+    previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
         return proc.wait()
     finally:

@@ -82,3 +82,58 @@ def test_multi_process_parent_holds_the_lock_for_its_children_and_exits_75(tmp_p
     res = CliRunner().invoke(app, ["train", str(cfg_file)])
     assert res.exit_code == 75, res.output
     assert RunDir(run_dir).status == "interrupted" and lock_holder(run_dir) is None
+
+
+WORKER = """
+import os, signal, sys, time
+from lexfine.rundir import RunDir
+from lexfine.runlock import RunLock
+rd = RunDir(os.environ["RUN_DIR"])
+inherited_ignore = signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+with RunLock(rd.path):
+    (rd.path / "ready").write_text(str(inherited_ignore))
+    while not got:
+        time.sleep(0.05)
+    rd.set_status("interrupted", error="preempted: checkpoint saved")
+sys.exit(1)
+"""
+PARENT = """
+import sys
+from lexfine.train import launch
+launch.local_command = lambda *a, **kw: [sys.executable, "-c", sys.argv[1]]
+from lexfine.cli import main
+main(["train", sys.argv[2]])
+"""
+
+
+def test_sigterm_to_a_multi_process_parent_reaches_the_workers_as_sigusr1(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lexfine.config import load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": "smollm2-135m", "output_dir": str(tmp_path / "runs"),
+                                        "launch": {"num_processes": 2}}))
+    run_dir = load_config(cfg_file, []).run_dir()
+    env = {**os.environ, "RUN_DIR": str(run_dir)}
+    env.pop("LEXFINE_RUN_LOCK", None)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, WORKER, str(cfg_file)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while not (run_dir / "ready").exists() and time.monotonic() < end and parent.poll() is None:
+            time.sleep(0.1)
+        assert (run_dir / "ready").read_text() == "True"  # the launcher runs with SIGUSR1 ignored
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 75, err
+    assert RunDir(run_dir).status == "interrupted"

@@ -93,7 +93,8 @@ inherited_ignore = signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
 with RunLock(rd.path):
-    (rd.path / "ready").write_text(str(inherited_ignore))
+    (rd.path / "ready.tmp").write_text(str(inherited_ignore))
+    os.replace(rd.path / "ready.tmp", rd.path / "ready")
     while not got:
         time.sleep(0.05)
     rd.set_status("interrupted", error="preempted: checkpoint saved")

@@ -138,3 +138,18 @@ def test_sigterm_to_a_multi_process_parent_reaches_the_workers_as_sigusr1(tmp_pa
             parent.kill()
     assert parent.returncode == 75, err
     assert RunDir(run_dir).status == "interrupted"
+
+
+def test_a_training_process_that_exits_73_is_skipped_not_failed(tmp_path, monkeypatch):
+    """The lock was taken between the runner's look and the training's start: exit 73 means running elsewhere."""
+    from lexfine.errors import EXIT_LOCKED
+    from lexfine.sweep import local
+
+    sweep = two_run_sweep(tmp_path)
+    for r in sweep.runs:
+        RunDir(r.run_dir).set_status("running")  # as the other runner's trainers wrote it
+    before = [RunDir(r.run_dir).manifest_path.read_text() for r in sweep.runs]
+    monkeypatch.setattr(local, "_run_logged", lambda *a, **kw: EXIT_LOCKED)
+    outcomes = run_sweep(sweep, evaluate=False, echo=lambda line: None)
+    assert [(o.state, o.detail) for o in outcomes] == [("skipped", RUNNING_ELSEWHERE)] * 2
+    assert [RunDir(r.run_dir).manifest_path.read_text() for r in sweep.runs] == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -60,7 +61,6 @@ def train(
     """Train one run (LoRA or full). Re-running the same command resumes it; a completed run is skipped.
     The last line printed is the run directory."""
     import shutil
-    import subprocess
 
     from lexfine.config import load_config
     from lexfine.train.launch import in_distributed_launch, local_command, shell
@@ -73,6 +73,11 @@ def train(
     cfg = load_config(config, extra)
     rd_path = cfg.run_dir()
     if force and rd_path.exists() and not dry_run and not in_distributed_launch():
+        from lexfine.runlock import RunLockedError, lock_holder
+
+        holder = lock_holder(rd_path)
+        if holder:  # never delete a run that is training
+            raise RunLockedError(rd_path, holder)
         typer.echo(f"--force: deleting {rd_path}", err=True)
         shutil.rmtree(rd_path)
     if dry_run:
@@ -80,26 +85,66 @@ def train(
         typer.echo(rd_path)
         return
     _setup_logging()
+    from lexfine.errors import exit_code_for_status
+    from lexfine.rundir import RunDir
+
     if cfg.launch.num_processes > 1 and not in_distributed_launch():
-        from lexfine.rundir import RunDir
+        from lexfine.runlock import RunLock
 
         rd = RunDir(rd_path)
         cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines,
                             cfg.launch.strategy)
-        rd.create(cfg.to_yaml(), cfg.run_id())  # after the command is known to be valid
-        typer.echo(f"launching: {shell(cmd)}", err=True)
-        code = subprocess.call(cmd)
+        with RunLock(rd.path) as lock:  # held here; the launched processes inherit it (LEXFINE_RUN_LOCK)
+            rd.create(cfg.to_yaml(), cfg.run_id())  # after the command is known to be valid
+            typer.echo(f"launching: {shell(cmd)}", err=True)
+            code = _call_forwarding_signals(cmd, lock.child_env())
+        code = exit_code_for_status(rd.status) or code
         if code:
             raise typer.Exit(code)
         typer.echo(rd.path)
         return
+    from lexfine.errors import EXIT_INTERRUPTED
     from lexfine.train import run
     from lexfine.train.launch import pin_single_process
+    from lexfine.train.signals import Interrupted
 
     pin_single_process(cfg.launch.num_processes)
-
-    rd = run(cfg)
+    try:
+        rd = run(cfg)
+    except Interrupted as e:  # SIGTERM/SIGUSR1 outside the training loop (typer would turn it into exit 130)
+        typer.echo(f"error: {e}; the run directory says what was kept: {rd_path}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(rd.path)
+    if exit_code_for_status(rd.status):
+        typer.echo(f"run {rd.status}: {rd.manifest().get('error') or ''}", err=True)
+        raise typer.Exit(exit_code_for_status(rd.status))
+
+
+def _call_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run the launcher in its own process group. SIGTERM/SIGUSR1 sent to this process reach the training processes
+    as SIGUSR1 (checkpoint and stop at the next step); the launcher ignores SIGUSR1 (its default action would kill
+    it, and a launcher's SIGTERM handling kills its workers after a short grace). SIGINT is passed on as is."""
+    import signal
+    import subprocess
+
+    def ignore_usr1():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the training processes install their own handler
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=ignore_usr1)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @app.command()
@@ -166,13 +211,16 @@ _register_plugins()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
+    from lexfine.errors import EXIT_LOCKED, EXIT_USER_ERROR
+
     try:
         app(args=argv)
     except LexfineError as e:
         from lexfine.rundir import redact
+        from lexfine.runlock import RunLockedError
 
         typer.secho(f"error: {redact(str(e))}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        sys.exit(EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

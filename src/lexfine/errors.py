@@ -6,7 +6,8 @@ Exit codes of `lexfine train` (and of `python -m lexfine.train`), documented in 
     2   a user error (config, data, paths): one line on stderr
     65  diverged: training stopped on non-finite losses; the last finite checkpoint is kept
     73  the run is locked by another live process (another `lexfine train` or sweep runner): nothing was done
-    75  interrupted (preemption signal): a checkpoint was saved; running the same command again resumes
+    75  interrupted (SIGTERM/SIGUSR1): in training a checkpoint was saved and running the same command again
+        resumes; before training nothing was lost; during the evaluations after training the run stays completed
 """
 
 EXIT_FAILED = 1
@@ -30,3 +31,8 @@ class DataError(LexfineError):
 
 class ModelError(LexfineError):
     pass
+
+
+def exit_code_for_status(status: str | None) -> int:
+    """What `lexfine train` exits with once run() returned, from the run's manifest status."""
+    return {"interrupted": EXIT_INTERRUPTED}.get(status or "", 0)

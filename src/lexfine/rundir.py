@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 STATUSES = ("planned", "running", "completed", "failed", "interrupted")
+# Manifest keys that describe one status: set_status removes them unless it sets them again.
+STATE_DETAIL = ("error", "traceback", "failed_stage", "eval_error")
+_DROP = object()
 SECRET_ENV_PATTERN = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 
 
@@ -193,9 +196,14 @@ class RunDir:
         return m
 
     def update_manifest(self, **fields: Any) -> dict:
-        m = self.manifest()
-        m.update(fields)
-        atomic_write_json(self.manifest_path, m)
+        from lexfine.runlock import manifest_lock
+
+        with manifest_lock(self.path):  # `lexfine eval` may record a result while the trainer writes
+            m = self.manifest()
+            m.update(fields)
+            for k in [k for k, v in fields.items() if v is _DROP]:
+                m.pop(k)
+            atomic_write_json(self.manifest_path, m)
         return m
 
     @property
@@ -203,8 +211,10 @@ class RunDir:
         return self.manifest().get("status")
 
     def set_status(self, status: str, **fields: Any) -> dict:
+        """A new status drops what described the old one (error, traceback, ...) unless it is given again."""
         assert status in STATUSES, status
-        return self.update_manifest(status=status, status_time=now_iso(), **fields)
+        stale = {k: _DROP for k in STATE_DETAIL if k not in fields}
+        return self.update_manifest(status=status, status_time=now_iso(), **stale, **fields)
 
     def create(self, config_yaml: str, run_id: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -213,15 +223,12 @@ class RunDir:
             atomic_write_json(self.manifest_path, {"run_id": run_id, "status": "planned", "created": now_iso()})
 
     # checkpoints -------------------------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.is_dir():
-            return None
-        found = []
-        for p in self.checkpoints.glob("checkpoint-*"):
-            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-            if m and (p / "trainer_state.json").exists():
-                found.append((int(m.group(1)), p))
-        return max(found)[1] if found else None
+    def latest_checkpoint(self, discard_incomplete: bool = False) -> Path | None:
+        """The newest *complete* checkpoint (see lexfine.checkpoints); incomplete newer ones are skipped, with
+        `discard_incomplete` (the lock holder only) removed."""
+        from lexfine.checkpoints import latest_complete
+
+        return latest_complete(self.checkpoints, discard=discard_incomplete)
 
     # metrics -----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
@@ -240,11 +247,14 @@ class RunDir:
 
     # evaluations -------------------------------------------------------------------------
     def record_eval(self, task: str, mode: str, summary_path: Path, headline: dict) -> None:
-        m = self.manifest()
-        evals = m.get("evals", {})
-        evals[f"{task}-{mode}"] = {"summary": str(summary_path.relative_to(self.path)), **headline}
-        m["evals"] = evals
-        atomic_write_json(self.manifest_path, m)
+        from lexfine.runlock import manifest_lock
+
+        with manifest_lock(self.path):
+            m = self.manifest()
+            evals = m.get("evals", {})
+            evals[f"{task}-{mode}"] = {"summary": str(summary_path.relative_to(self.path)), **headline}
+            m["evals"] = evals
+            atomic_write_json(self.manifest_path, m)
 
 
 def timer() -> float:

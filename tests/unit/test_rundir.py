@@ -24,9 +24,10 @@ def test_metrics_truncate_on_resume_and_cut_lines(tmp_path):
 
 
 def test_latest_checkpoint_needs_trainer_state(tmp_path):
+    from tests.unit.test_checkpoints import make_ckpt
+
     rd = RunDir(tmp_path)
-    (rd.checkpoints / "checkpoint-10").mkdir(parents=True)
-    (rd.checkpoints / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    make_ckpt(rd.checkpoints, 10)
     (rd.checkpoints / "checkpoint-20").mkdir()  # half-written: no trainer_state.json
     assert rd.latest_checkpoint().name == "checkpoint-10"
 

@@ -24,6 +24,7 @@ from lexfine.report import wandb_export
 from lexfine.report.runs import (Run, RunSet, headline, make_curve, size_from_name, size_from_params,
                                  size_sort_key, throughput_from_curve, to_float)
 from lexfine.rundir import RunDir
+from lexfine.runlock import effective_status
 
 # Folders inside a run directory that never hold runs: do not walk into them (checkpoints can be huge).
 _SKIP_DIRS = {"checkpoints", "eval", "adapter", "model", "__pycache__"}
@@ -133,7 +134,7 @@ def load_run_dir(path: Path) -> Run:
         evals=_read_evals(path, manifest),
         base_evals={k: headline(v) for k, v in sorted((manifest.get("base_evals") or {}).items())
                     if isinstance(v, dict)},
-        status=manifest.get("status"),
+        status=effective_status(path, manifest),  # a killed run reads `dead`, not `running`
         tokens_per_s=tps if tps and tps > 0 else throughput_from_curve(curve),
         world_size=manifest.get("world_size") or hw.get("world_size") or launch.get("num_processes"),
         num_nodes=manifest.get("num_nodes") or hw.get("num_nodes") or launch.get("num_machines"),

@@ -30,11 +30,14 @@ import yaml
 from lexfine.config import RunConfig
 from lexfine.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_LOCKED
 from lexfine.rundir import RunDir, atomic_write_text, now_iso, read_jsonl, write_jsonl
+from lexfine.runlock import RunLockedError, describe, lock_holder
 from lexfine.sweep.grid import PlannedRun, Sweep
 
 STATE_FILE = "sweep.jsonl"
 # The training process only trains: evaluations run afterwards as their own commands (locally and on SLURM).
 NO_EVAL = "eval=[]"
+# A run whose lock another live process holds (its training exits errors.EXIT_LOCKED): skipped, not failed.
+RUNNING_ELSEWHERE = "running elsewhere (locked by another process)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +231,15 @@ def _train(sweep: Sweep, run: PlannedRun, launcher: str, in_process: bool, verbo
 
         try:
             train_run(run.config.model_copy(update={"eval": []}))
+        except RunLockedError:
+            return False, RUNNING_ELSEWHERE
         except Exception as e:  # the run directory says failed; the sweep goes on
             return False, _error_line(rd, f"{type(e).__name__}: {e}")
     else:
         cmd = train_command(sweep, run, launcher)
         code = _run_logged(cmd, log, verbose, echo)
+        if code == EXIT_LOCKED:  # another process trains this run: it did nothing, and its manifest is not ours
+            return False, RUNNING_ELSEWHERE
         kind = classify_exit(code, rd.status)
         if kind in ("diverged", "locked", "interrupted"):  # not failures: never marked failed
             return False, f"{kind}: " + ("another live process holds the run" if kind == "locked" else
@@ -291,6 +298,10 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
             outcomes.append(Outcome(run, "diverged", "diverged before (terminal)"))
             echo(f"{head}: diverged before, not retried")
             continue
+        elif lock_holder(rd.path):
+            outcomes.append(Outcome(run, "skipped", RUNNING_ELSEWHERE))
+            echo(f"{head}: {RUNNING_ELSEWHERE} ({describe(lock_holder(rd.path) or {})}), skipping")
+            continue
         elif status == "failed" and not retry_failed:
             outcomes.append(Outcome(run, "failed", "failed before (use --retry-failed)"))
             echo(f"{head}: failed before, not retried")
@@ -306,6 +317,11 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
                     rd.set_status("interrupted", error="interrupted by the user (Ctrl-C); rerun to resume")
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status)
                 raise
+            if detail == RUNNING_ELSEWHERE:
+                update_state(sweep.sweep_dir, run.run_id, status=rd.status)
+                outcomes.append(Outcome(run, "skipped", detail, time.perf_counter() - t0))
+                echo(f"{head}: {detail}, skipping")
+                continue
             if not ok:
                 kind = detail.split(":", 1)[0] if detail.startswith(("diverged:", "locked:", "interrupted:")) \
                     else "failed"

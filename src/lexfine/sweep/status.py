@@ -12,6 +12,7 @@ import subprocess
 from typing import Any
 
 from lexfine.rundir import RunDir
+from lexfine.runlock import effective_status
 from lexfine.sweep.grid import Sweep
 from lexfine.sweep.local import missing_evals, read_state
 
@@ -64,9 +65,9 @@ def collect(sweep: Sweep, query_slurm: bool = True) -> list[dict]:
         st = state.get(run.run_id, {})
         metrics = rd.metrics() if rd.metrics_path.exists() else []
         last = metrics[-1] if metrics else {}
-        status = m.get("status") or "new"
+        status = effective_status(rd.path, m) or "new"  # `dead`: says running, but no live process holds the lock
         job = st.get("job_id")
-        if job and job in live and status in ("planned", "interrupted", "new"):
+        if job and job in live and status in ("planned", "interrupted", "new", "dead"):
             status = live[job]  # pending / running / requeued ...
         elif status == "completed" and missing_evals(run, sweep.eval):
             status = "trained"  # training done, evaluations outstanding
@@ -82,7 +83,9 @@ def collect(sweep: Sweep, query_slurm: bool = True) -> list[dict]:
             "final_loss": m.get("final_loss") if m.get("final_loss") is not None else last.get("loss"),
             "evals": evals,
             "wall_time_s": m.get("wall_time_s") if m.get("wall_time_s") is not None else last.get("elapsed_s"),
-            "job_id": job, "eval_job_id": st.get("eval_job_id"), "gpu": st.get("gpu"), "local_job": st.get("job"), "error": m.get("error") if status == "failed" else None,
+            "job_id": job, "eval_job_id": st.get("eval_job_id"), "gpu": st.get("gpu"), "local_job": st.get("job"),
+            "error": m.get("error") if status == "failed" else (
+                "no live process holds the run's lock (killed?): rerun to resume" if status == "dead" else None),
             "run_dir": str(run.run_dir),
         })
     return rows

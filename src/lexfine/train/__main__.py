@@ -6,7 +6,7 @@ import logging
 import sys
 
 from lexfine.config import load_config
-from lexfine.errors import LexfineError
+from lexfine.errors import EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USER_ERROR, LexfineError, exit_code_for_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +24,17 @@ def main(argv: list[str] | None = None) -> int:
 
         rd = run(cfg)
     except LexfineError as e:
+        from lexfine.runlock import RunLockedError
+
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
+        from lexfine.train.signals import Interrupted
+
+        print(f"error: {e or 'interrupted'}; the run directory says what was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(e, Interrupted) else 130
     print(rd.path)
-    return 0
+    return exit_code_for_status(rd.status)
 
 
 if __name__ == "__main__":

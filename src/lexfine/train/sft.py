@@ -29,32 +29,58 @@ def world_size() -> int:
 
 
 def run(cfg: RunConfig) -> RunDir:
-    """Train (or resume, or skip) the run that `cfg` describes; returns its run directory."""
+    """Train (or resume, or skip) the run that `cfg` describes; returns its run directory.
+    The main process holds the run's lock (lexfine.runlock) from before its first write to its last."""
+    from contextlib import nullcontext
+
+    from lexfine.runlock import RunLock
+    from lexfine.train.signals import StopOnSignal
+
     rd = RunDir(cfg.run_dir())
     if rd.status == "completed":
         log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
     main = is_main_process()
-    if main:
-        rd.create(cfg.to_yaml(), cfg.run_id())
-        rd.set_status("running", started=now_iso(), versions=package_versions(), git_sha=git_sha(),
-                      hardware=hardware(), world_size=world_size(), error=None)
-    try:
-        preempted = _train(cfg, rd, main)
-    except BaseException as e:
-        if main and not isinstance(e, EvalAfterTrainingError):
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            rd.set_status(status, error=redact(f"{type(e).__name__}: {detail}"),
-                          traceback=None if isinstance(e, LexfineError) else redact(traceback.format_exc()[-4000:]))
-        raise
-    if preempted:
-        from lexfine.train.preemption import requeue_if_preempted
-
+    with RunLock(rd.path) if main else nullcontext(), StopOnSignal() as guard:
+        if main and rd.status == "completed":  # the previous holder completed it after our first look
+            return rd
         if main:
-            rd.set_status("interrupted", error="preempted: checkpoint saved, resume by running the same command")
-        requeue_if_preempted(True)
+            rd.create(cfg.to_yaml(), cfg.run_id())
+            rd.set_status("running", started=now_iso(), versions=package_versions(), git_sha=git_sha(),
+                          hardware=hardware(), world_size=world_size())
+        try:
+            preempted = _train(cfg, rd, main, guard)
+        except BaseException as e:
+            if main:
+                _record_failure(rd, e)
+            raise
+        if preempted:
+            from lexfine.train.preemption import requeue_if_preempted
+
+            if main:
+                rd.set_status("interrupted", error="preempted: checkpoint saved, resume by running the same command")
+            requeue_if_preempted(True)
     return rd
+
+
+def _record_failure(rd: RunDir, e: BaseException) -> None:
+    """The manifest says what happened, never a mix: a completed run keeps `completed` (only its evaluations were
+    cut short); otherwise `interrupted` for a signal or Ctrl-C, `failed` (with the stage) for an error."""
+    from lexfine.train.signals import Interrupted
+
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if rd.status == "completed":
+        if isinstance(e, KeyboardInterrupt):
+            rd.update_manifest(eval_error=f"{detail}: the evaluations after training did not finish; "
+                                          "run them with `lexfine eval`")
+        return
+    stage = "training" if rd.metrics_path.exists() or any(rd.checkpoints.glob("checkpoint-*")) else "setup"
+    if isinstance(e, KeyboardInterrupt):
+        why = detail if isinstance(e, Interrupted) else "interrupted (Ctrl-C)"
+        rd.set_status("interrupted", error=f"{why} during {stage}: rerun the same command to resume")
+    else:
+        rd.set_status("failed", failed_stage=stage, error=redact(f"{type(e).__name__}: {detail}"),
+                      traceback=None if isinstance(e, LexfineError) else redact(traceback.format_exc()[-4000:]))
 
 
 def build_args(cfg: RunConfig, rd: RunDir):
@@ -163,8 +189,10 @@ def load_dataset(cfg: RunConfig, tokenizer):
 
 
 def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
-    ckpt = rd.latest_checkpoint()
+    ckpt = rd.latest_checkpoint(discard_incomplete=main)
     if ckpt is None:
+        if main and rd.metrics_path.exists():
+            rd.truncate_metrics_after(0)  # no complete checkpoint: training starts over and logs every step again
         return None, 0.0, 0
     step = int(ckpt.name.split("-")[1])
     rows = [r for r in rd.metrics() if r.get("step", 0) <= step]
@@ -174,7 +202,7 @@ def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
     return ckpt, float(last.get("elapsed_s") or 0.0), int(last.get("num_tokens") or 0)
 
 
-def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
+def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     """Returns True when training stopped early for preemption (a checkpoint was saved)."""
     import torch
     from trl import SFTTrainer
@@ -222,7 +250,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
             log.info("resuming from %s", ckpt)
 
     start = time.perf_counter()
+    guard.armed = False  # in the loop a signal means "checkpoint at the next step" (PreemptionCallback)
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    preempt_cb.uninstall()
+    guard.armed = True  # from here (saving, evaluating) a signal stops at once
     wall = elapsed0 + time.perf_counter() - start
     if preempt_cb.preempted:
         return True
@@ -257,6 +288,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         )
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(rd.checkpoints, ignore_errors=True)
+    if preempt_cb.received:  # the signal came after the last step: training is saved, the evaluations are not run
+        from lexfine.train.signals import Interrupted
+
+        raise Interrupted(preempt_cb.signum)
     if cfg.eval:
         try:
             _evaluate(cfg, rd, trainer, tokenizer, main)

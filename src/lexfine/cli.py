@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from lexfine.errors import LexfineError
+from lexfine.errors import EXIT_USER_ERROR, LexfineError
 
 app = typer.Typer(
     help="Fine-tune LLMs on a domain task and measure what it costs in general knowledge.",
@@ -89,6 +89,11 @@ def train(
         rd.create(cfg.to_yaml(), cfg.run_id())  # after the command is known to be valid
         typer.echo(f"launching: {shell(cmd)}", err=True)
         code = subprocess.call(cmd)
+        if code and rd.status == "diverged":  # the launcher reports a failed child as 1: say what happened
+            from lexfine.errors import EXIT_DIVERGED
+
+            typer.secho(f"error: {rd.manifest().get('error')}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_DIVERGED)
         if code:
             raise typer.Exit(code)
         typer.echo(rd.path)
@@ -147,7 +152,10 @@ def config_show(
     from lexfine.config import load_config
 
     cfg = load_config(config, overrides or [])
-    typer.echo(cfg.to_yaml() + f"# run directory: {cfg.run_dir()}")
+    t = cfg.train
+    typer.echo(cfg.to_yaml() + f"# global batch: {cfg.global_batch} (train.batch_size {t.batch_size} x train.grad_accum "
+               f"{t.grad_accum} x launch.num_processes {cfg.launch.num_processes}; part of the run id)\n"
+               f"# run directory: {cfg.run_dir()}")
 
 
 def _register_plugins() -> None:
@@ -165,14 +173,15 @@ _register_plugins()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
+    """Console entry point: user errors become one line on stderr and exit code 2 (or the error's own exit_code,
+    errors.py), not a traceback."""
     try:
         app(args=argv)
     except LexfineError as e:
         from lexfine.rundir import redact
 
         typer.secho(f"error: {redact(str(e))}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))  # e.g. a diverged training: EXIT_DIVERGED
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-STATUSES = ("planned", "running", "completed", "failed", "interrupted")
+STATUSES = ("planned", "running", "completed", "failed", "interrupted", "diverged")
 SECRET_ENV_PATTERN = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 
 

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from lexfine.config import load_config
-from lexfine.errors import LexfineError
+from lexfine.errors import EXIT_USER_ERROR, LexfineError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         rd = run(cfg)
     except LexfineError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", EXIT_USER_ERROR)  # e.g. a diverged training: EXIT_DIVERGED
     print(rd.path)
     return 0
 

@@ -34,15 +34,23 @@ def run(cfg: RunConfig) -> RunDir:
     if rd.status == "completed":
         log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
+    from lexfine.train.divergence import TrainingDiverged
+    from lexfine.train.global_batch import check_launch
+
+    if rd.status == "diverged":
+        raise TrainingDiverged(f"run {cfg.run_id()} diverged before (step {rd.manifest().get('diverged_at_step')}): "
+                               f"{rd.path}; lower train.lr and `lexfine train --force` trains it again")
+    ckpt = rd.latest_checkpoint()
+    global_batch = check_launch(cfg, rd.manifest(), ckpt.name if ckpt else None)
     main = is_main_process()
     if main:
         rd.create(cfg.to_yaml(), cfg.run_id())
         rd.set_status("running", started=now_iso(), versions=package_versions(), git_sha=git_sha(),
-                      hardware=hardware(), world_size=world_size(), error=None)
+                      hardware=hardware(), world_size=world_size(), global_batch=global_batch, error=None)
     try:
         preempted = _train(cfg, rd, main)
     except BaseException as e:
-        if main and not isinstance(e, EvalAfterTrainingError):
+        if main and not isinstance(e, (EvalAfterTrainingError, TrainingDiverged)):
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             rd.set_status(status, error=redact(f"{type(e).__name__}: {detail}"),
@@ -74,8 +82,8 @@ def build_args(cfg: RunConfig, rd: RunDir):
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else 0,  # transformers 5: a float < 1 is a ratio
+        lr_scheduler_type=lr_scheduler(t),
+        warmup_steps=warmup_steps(t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -88,6 +96,9 @@ def build_args(cfg: RunConfig, rd: RunDir):
         use_liger_kernel=t.liger,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # Log a NaN/inf loss as it is: the default filter logs the running mean instead (0.0 on a window's first
+        # step), and a blown-up run looks perfect. train/divergence.py stops such a run.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -108,6 +119,19 @@ def build_args(cfg: RunConfig, rd: RunDir):
     if cfg.launch.strategy == "fsdp2" and not cuda and world_size() > 1:
         log.warning("launch.strategy=fsdp2 needs CUDA GPUs: on a CPU accelerate trains these processes with plain DDP")
     return SFTConfig(**_compatible(SFTConfig, fields))
+
+
+def lr_scheduler(t) -> str:
+    """`constant` has no warm-up in transformers: with a warm-up it must be constant_with_warmup."""
+    return "constant_with_warmup" if t.lr_scheduler == "constant" and t.warmup_ratio > 0 else t.lr_scheduler
+
+
+def warmup_steps(ratio: float) -> float:
+    """transformers 5 reads warmup_steps < 1 as a fraction of the run's steps and >= 1 as a step count, so 1.0
+    would be one step. The largest float below 1 gives ceil(steps x ratio) = every step (for < 2**52 steps)."""
+    import math
+
+    return math.nextafter(1.0, 0.0) if ratio >= 1.0 else float(ratio)
 
 
 def _compatible(config_cls, fields: dict) -> dict:
@@ -182,6 +206,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
 
     from lexfine import models
     from lexfine.train.callbacks import MetricsCallback
+    from lexfine.train.divergence import DivergenceCallback, record_divergence
     from lexfine.train.preemption import PreemptionCallback
     from lexfine.train.speed import apply_speed_levers
 
@@ -209,8 +234,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     ckpt, elapsed0, tokens0 = _resume_state(rd, main)
     metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
+    diverge_cb = DivergenceCallback(cfg.train.max_nonfinite_steps)  # after preempt_cb: it sees its save requests
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, *callbacks])
+                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, diverge_cb, *callbacks])
+    diverge_cb.attach(trainer)
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -219,6 +246,9 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     wall = elapsed0 + time.perf_counter() - start
+    if diverge_cb.diverged_at is not None:
+        trainer.accelerator.wait_for_everyone()
+        raise record_divergence(rd, diverge_cb, main)
     if preempt_cb.preempted:
         return True
 

@@ -94,9 +94,10 @@ class DivergenceCallback(TrainerCallback):
         self.consecutive += steps
         control.should_save = False  # never checkpoint a non-finite state
         self._reset_loss_accumulator()
-        log.warning("step %d: non-finite %s (%d consecutive non-finite step(s), limit %d)", state.global_step,
-                    " and ".join(nonfinite_fields(logs)) or "value on another rank", self.consecutive,
-                    self.max_consecutive)
+        if state.is_world_process_zero:
+            log.warning("step %d: non-finite %s (%d consecutive non-finite step(s), limit %d)", state.global_step,
+                        " and ".join(nonfinite_fields(logs)) or "value on another rank", self.consecutive,
+                        self.max_consecutive)
         if self.consecutive >= self.max_consecutive:
             self.diverged_at = state.global_step
             control.should_training_stop = True

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from lexfine.errors import LexfineError
+from lexfine.errors import EXIT_USER_ERROR, LexfineError
 
 app = typer.Typer(
     help="Fine-tune LLMs on a domain task and measure what it costs in general knowledge.",
@@ -85,7 +85,7 @@ def train(
         typer.echo(rd_path)
         return
     _setup_logging()
-    from lexfine.errors import exit_code_for_status
+    from lexfine.errors import EXIT_DIVERGED, exit_code_for_status
     from lexfine.rundir import RunDir
 
     if cfg.launch.num_processes > 1 and not in_distributed_launch():
@@ -99,6 +99,8 @@ def train(
             typer.echo(f"launching: {shell(cmd)}", err=True)
             code = _call_forwarding_signals(cmd, lock.child_env())
         code = exit_code_for_status(rd.status) or code
+        if code == EXIT_DIVERGED:  # the launcher reports a failed child as 1: say what happened
+            typer.secho(f"error: {rd.manifest().get('error')}", err=True, fg=typer.colors.RED)
         if code:
             raise typer.Exit(code)
         typer.echo(rd.path)
@@ -192,7 +194,10 @@ def config_show(
     from lexfine.config import load_config
 
     cfg = load_config(config, overrides or [])
-    typer.echo(cfg.to_yaml() + f"# run directory: {cfg.run_dir()}")
+    t = cfg.train
+    typer.echo(cfg.to_yaml() + f"# global batch: {cfg.global_batch} (train.batch_size {t.batch_size} x train.grad_accum "
+               f"{t.grad_accum} x launch.num_processes {cfg.launch.num_processes}; part of the run id)\n"
+               f"# run directory: {cfg.run_dir()}")
 
 
 def _register_plugins() -> None:
@@ -210,7 +215,8 @@ _register_plugins()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2, not a traceback."""
+    """Console entry point: user errors become one line on stderr and exit code 2 (or the error's own exit_code,
+    errors.py), not a traceback."""
     from lexfine.errors import EXIT_LOCKED, EXIT_USER_ERROR
 
     try:
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         from lexfine.runlock import RunLockedError
 
         typer.secho(f"error: {redact(str(e))}", err=True, fg=typer.colors.RED)
-        sys.exit(EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR)
+        sys.exit(getattr(e, "exit_code", EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR))
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

@@ -96,9 +96,11 @@ class TrainArgs(Section):
     max_length: int = Field(4096, ge=16)
     """Maximum tokens per example; longer examples have their facts cut (see data.truncation)."""
     lr_scheduler: str = "constant"
-    """LR schedule, a transformers SchedulerType name (constant, cosine, linear, ...). The study used constant."""
+    """LR schedule (transformers names: constant, cosine, linear, ...). The study used constant. With
+    warmup_ratio > 0, constant becomes constant_with_warmup (constant alone has no warm-up)."""
     warmup_ratio: float = Field(0.0, ge=0, le=1)
-    """Fraction of steps for linear warm-up (0: none, as in the study)."""
+    """Fraction of the run's optimizer steps for linear warm-up from 0 to train.lr (0: none, as in the study;
+    1.0: the whole run). With lr_scheduler constant it trains with constant_with_warmup."""
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, allow_inf_nan=False)
@@ -145,6 +147,11 @@ class TrainArgs(Section):
     """DataLoader worker processes."""
     keep_checkpoints: bool = False
     """Keep the resumable checkpoints (optimizer states included) after the run completed. Off: delete them."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop a run after this many consecutive optimizer steps with a non-finite (NaN/inf) loss or gradient norm:
+    status `diverged`, exit code 65, the checkpoint of the last finite step kept (non-finite steps are never
+    checkpointed). A run that ends on a non-finite step is diverged too. With logging_steps > 1 a logged row
+    counts for all the steps it averages."""
 
     @field_validator("max_steps")
     @classmethod
@@ -208,13 +215,16 @@ class LaunchArgs(Section):
 
 
 # Keys that do not change what is trained: they stay out of the run id so that a run can be
-# re-evaluated, relaunched on other hardware or logged elsewhere and still resume.
+# re-evaluated, relaunched on other hardware or logged elsewhere and still resume. `launch` is left out as a
+# block (strategy and node count do not change the training), but the global batch it implies is hashed: see
+# RunConfig.run_hash.
 ID_EXCLUDE = {
     "output_dir": True,
     "eval": True,
     "eval_options": True,
     "launch": True,
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
+              "max_nonfinite_steps",
               # speed knobs: same training, same run
               "checkpoint_fraction", "adaptive_checkpointing", "compile_layers"},
 }
@@ -268,11 +278,22 @@ class RunConfig(Section):
             )
         return self
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all processes: train.batch_size x train.grad_accum x
+        launch.num_processes."""
+        return self.train.batch_size * self.train.grad_accum * self.launch.num_processes
+
     def run_hash(self) -> str:
         exclude = dict(ID_EXCLUDE)
         if self.method == "full":
             exclude["lora"] = True  # LoRA settings do not change a full fine-tune
         payload = self.model_dump(mode="json", exclude=exclude)
+        if self.launch.num_processes > 1:
+            # One run id, one training: the world size changes the global batch (and the data order), so 1 GPU and
+            # 8 GPUs are two runs; 2 nodes x 4 and 1 node x 8 are one. With one process the global batch follows
+            # from batch_size x grad_accum, already hashed: single-process run ids stay what they were.
+            payload["global_batch"] = self.global_batch
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -35,4 +35,4 @@ class ModelError(LexfineError):
 
 def exit_code_for_status(status: str | None) -> int:
     """What `lexfine train` exits with once run() returned, from the run's manifest status."""
-    return {"interrupted": EXIT_INTERRUPTED}.get(status or "", 0)
+    return {"interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}.get(status or "", 0)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-STATUSES = ("planned", "running", "completed", "failed", "interrupted")
+STATUSES = ("planned", "running", "completed", "failed", "interrupted", "diverged")
 # Manifest keys that describe one status: set_status removes them unless it sets them again.
 STATE_DETAIL = ("error", "traceback", "failed_stage", "eval_error")
 _DROP = object()

@@ -18,7 +18,7 @@ import yaml
 
 from lexfine.rundir import RunDir
 from lexfine.sweep.grid import load_sweep
-from lexfine.sweep.slurm import load_profile, submit
+from lexfine.sweep.slurm import for_profile, load_profile, submit
 from tests.slurm_fakes import install
 
 
@@ -37,9 +37,9 @@ def setup(tmp_path: Path, tiny_config, max_steps: int, save_steps: int):
     profile.write_text(yaml.safe_dump({"account": None, "partition": None, "time": "00:20:00", "nodes": 2,
                                        "gpus_per_node": 1, "launcher": "torchrun", "python": sys.executable,
                                        "main_process_port": free_port(), "env": {"OMP_NUM_THREADS": 1}}))
-    sweep = load_sweep(sweep_file)
-    rec = submit(sweep, load_profile(profile), dry_run=True, workdir=str(tmp_path), echo=lambda s: None)[0]
-    return sweep.runs[0], Path(rec["script"])
+    sweep, prof = load_sweep(sweep_file), load_profile(profile)
+    rec = submit(sweep, prof, dry_run=True, workdir=str(tmp_path), echo=lambda s: None)[0]
+    return for_profile(sweep, prof).runs[0], Path(rec["script"])  # the run as the 2-process job trains it
 
 
 def run_job(script: Path, fakes, cwd: Path, **env) -> subprocess.CompletedProcess:
@@ -58,6 +58,7 @@ def test_two_node_cpu_training_completes_and_saves_once(tiny_config, tmp_path):
     rd = RunDir(run.run_dir)
     m = rd.manifest()
     assert m["status"] == "completed" and m["world_size"] == 2 and m["hardware"]["num_nodes"] == 2
+    assert m["global_batch"] == 2 * 2  # batch 2 x 2 processes
     assert [r["step"] for r in rd.metrics()] == [1, 2, 3, 4]  # rank 0 alone writes: no duplicate rows
     assert sorted(p.name for p in rd.checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (rd.adapter_dir / "adapter_model.safetensors").is_file()

@@ -57,3 +57,19 @@ def test_expected_modules_come_from_the_peft_model():
                       num_key_value_heads=1, vocab_size=64)
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert adapted_modules(model) == MODULES
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weights_are_a_broken_adapter(tmp_path, bad):
+    # a diverged LoRA run saves NaN/inf weights; every lora_B is "non-zero", so only this check catches it
+    with pytest.raises(LexfineError, match=r"NaN/inf weights in 4 tensors .*lower train\.lr"):
+        check_saved_adapter(write(tmp_path, MODULES, b_value=bad), MODULES)
+    path = write(tmp_path, MODULES)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][0, 0] = bad  # one value in one tensor is enough
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(LexfineError, match="in 1 tensors"):
+        check_saved_adapter(path, MODULES)

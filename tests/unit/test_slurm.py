@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lexfine.errors import ConfigError
 from lexfine.sweep.grid import load_sweep
 from lexfine.sweep.local import read_state
-from lexfine.sweep.slurm import load_profile, parse_job_id, submit
+from lexfine.sweep.slurm import for_profile, load_profile, parse_job_id, submit
 from tests.slurm_fakes import flag, install
 
 PROFILE = {"account": "a-test", "partition": "normal", "time": "01:00:00", "nodes": 2, "gpus_per_node": 4,
@@ -31,7 +31,8 @@ def make(tmp_path: Path, profile: dict | None = None, out: Path | None = None, *
     sp.write_text(yaml.safe_dump(data))
     pp = tmp_path / "profile.yaml"
     pp.write_text(yaml.safe_dump({**PROFILE, **(profile or {})}))
-    return load_sweep(sp), load_profile(pp), sp, pp
+    prof = load_profile(pp)
+    return for_profile(load_sweep(sp), prof), prof, sp, pp  # the runs as the jobs train them
 
 
 def run_script(script: Path, fakes, cwd: Path, **env) -> subprocess.CompletedProcess:
@@ -214,7 +215,7 @@ def test_two_node_launch_arguments(tmp_path, monkeypatch):
         assert argv[-4:] == ["-m", "lexfine.train", cfg, "eval=[]"]
         assert call["env"]["LEXFINE_REQUEUE"] == "batch" and call["env"]["NCCL_NVLS_ENABLE"] == "0"
         assert call["cwd"] == str(tmp_path)
-    # the resolved config carries the job's shape (launch is not part of the run id)
+    # the resolved config carries the job's shape, and its run id is computed from it
     launch = yaml.safe_load(Path(cfg).read_text())["launch"]
     assert (launch["num_machines"], launch["num_processes"]) == (2, 8)
 
@@ -349,3 +350,33 @@ def test_profile_spellings_and_optional_directives(tmp_path, monkeypatch):
     for d in ("--qos=high", "--constraint=gpu", "--exclusive", "--reservation=r1", "--gpus-per-node=2"):
         assert f"#SBATCH {d}\n" in body
     assert "--container-image=/img/lexfine.sqsh" in body and "--container-mounts=/scratch:/scratch" in body
+
+
+# ------------------------------------------------------------------------------------------------
+# one run id, one training: the job's process count is part of the run id
+
+
+def test_run_ids_follow_the_jobs_global_batch(tmp_path, monkeypatch):
+    from lexfine.config import load_config
+    from lexfine.sweep.status import collect
+
+    monkeypatch.chdir(tmp_path)
+
+    def submitted(nodes, gpus, out):
+        sw, prof, sp, pp = make(tmp_path, profile={"nodes": nodes, "gpus_per_node": gpus}, out=tmp_path / out)
+        submit(load_sweep(sp), prof, dry_run=True, workdir=str(tmp_path), echo=lambda s: None)
+        files = sorted((tmp_path / out / "s" / "configs").glob("*.yaml"))
+        assert len(files) == 1
+        cfg = load_config(files[0])
+        assert cfg.run_id() == files[0].stem  # the config the job reads names the run directory it trains
+        assert cfg.global_batch == 4 * 1 * nodes * gpus
+        # `sweep status` shows the runs of the submitted jobs, not a single-process plan of them
+        assert [r["run_id"] for r in collect(__import__("lexfine.sweep.cli", fromlist=["_load"])._load(
+            sp, submitted=True), query_slurm=False)] == [files[0].stem]
+        return files[0].stem
+
+    one_gpu, four, two_by_four, one_by_eight = (submitted(1, 1, "a"), submitted(1, 4, "b"), submitted(2, 4, "c"),
+                                                submitted(1, 8, "d"))
+    assert len({one_gpu, four, two_by_four}) == 3
+    assert two_by_four == one_by_eight  # same global batch, same training: one run
+    assert one_gpu == load_sweep(tmp_path / "sweep.yaml").runs[0].run_id  # one process: the plain plan's id

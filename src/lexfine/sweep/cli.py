@@ -24,10 +24,18 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _load(path: Path):
+def _load(path: Path, profile: Optional[Path] = None, submitted: bool = False):
+    """The sweep; with a SLURM profile (given, or with `submitted` the one of its last submission) its run ids are
+    those of the jobs: the global batch, and so the run id, depends on the job's process count."""
     from lexfine.sweep.grid import load_sweep
 
-    return load_sweep(path)
+    sweep = load_sweep(path)
+    if profile is None and not submitted:
+        return sweep
+    from lexfine.sweep.slurm import for_profile, load_profile, submitted_profile
+
+    prof = load_profile(profile) if profile is not None else submitted_profile(sweep.sweep_dir)
+    return for_profile(sweep, prof) if prof is not None else sweep
 
 
 def _select(sweep, only: Optional[List[str]]):
@@ -53,6 +61,9 @@ def _rel(p: Path) -> str:
 def plan(
     sweep_file: Path = SWEEP_ARG,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
+    slurm_profile: Optional[Path] = typer.Option(None, "--slurm-profile", "-p",
+                                                 help="Plan the runs as this profile's jobs train them (run ids "
+                                                      "include the global batch, which depends on the GPU count)."),
 ) -> None:
     """Print the runs a sweep file expands to (validated; nothing is written)."""
     try:
@@ -60,7 +71,7 @@ def plan(
 
         from lexfine.rundir import RunDir
 
-        sweep = _load(sweep_file)
+        sweep = _load(sweep_file, slurm_profile)
         if json_out:
             for r in sweep.runs:
                 typer.echo(json.dumps({"index": r.index, "run_id": r.run_id, "name": r.name, "run_dir": str(r.run_dir),
@@ -160,13 +171,14 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
     no_slurm: bool = typer.Option(False, "--no-slurm", help="Do not ask squeue about queued jobs."),
 ) -> None:
-    """A table of the sweep's runs: state, steps, final loss, evaluation metrics, wall time, SLURM job."""
+    """A table of the sweep's runs: state, steps, final loss, evaluation metrics, wall time, SLURM job. A submitted
+    sweep is shown with the run ids of its jobs (the profile of the last submission is kept in its slurm/ folder)."""
     try:
         import json
 
         from lexfine.sweep.status import collect, render
 
-        sweep = _load(sweep_file)
+        sweep = _load(sweep_file, submitted=True)
         rows = collect(sweep, query_slurm=not no_slurm)
         if json_out:
             for row in rows:

@@ -77,9 +77,10 @@ def prepare(sweep: Sweep, create_run_dirs: bool = True) -> Path:
         cfg_file = config_path(sweep, run)
         text = run.config.to_yaml()
         if cfg_file.is_file():
-            # keep the job shape a submitted job was given (launch is not part of the run id)
+            # keep the job shape (nodes, strategy) a submitted job was given: of launch, only the global batch is
+            # part of the run id, so the same run id has the same process count
             old_launch = (yaml.safe_load(cfg_file.read_text()) or {}).get("launch")
-            if old_launch:
+            if old_launch and old_launch.get("num_processes") == run.config.launch.num_processes:
                 text = run.config.model_copy(update={"launch": type(run.config.launch)(**old_launch)}).to_yaml()
         atomic_write_text(cfg_file, text)
         rd = RunDir(run.run_dir)

@@ -13,6 +13,7 @@ The profile's `setup:` lines are shell code by design (module load, source venv/
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -45,6 +46,35 @@ def resources(profile: SlurmProfile, run: PlannedRun) -> tuple[int, int]:
             raise ConfigError(f"run {run.name}: launch.num_processes={total} is not a multiple of {nodes} nodes")
         return nodes, total // nodes
     return nodes, max(profile.gpus_per_node, 1)
+
+
+PROFILE_COPY = "profile.yaml"  # <sweep_dir>/slurm/profile.yaml: the profile of the last submission
+
+
+def for_profile(sweep: Sweep, profile: SlurmProfile) -> Sweep:
+    """The sweep as the profile's jobs train it: every run gets the job's launch (nodes, processes) and its run id
+    is computed from that launch, because the global batch (batch x accumulation x processes) is part of the run
+    id. Indices stay those of the sweep file (--only selections keep pointing at the same runs)."""
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    merged = 0
+    for run in sweep.runs:
+        nodes, per_node = resources(profile, run)
+        launch = run.config.launch.model_copy(update={"num_machines": nodes, "num_processes": nodes * per_node})
+        cfg = run.config.model_copy(update={"launch": launch})
+        rid = cfg.run_id()
+        if rid in seen:
+            merged += 1
+            continue
+        seen.add(rid)
+        runs.append(PlannedRun(run.index, run.name, rid, cfg, run.assignment))
+    return dataclasses.replace(sweep, runs=runs, merged=sweep.merged + merged)
+
+
+def submitted_profile(sweep_dir: Path) -> SlurmProfile | None:
+    """The profile the sweep was last submitted with (None: never submitted)."""
+    p = Path(sweep_dir) / "slurm" / PROFILE_COPY
+    return load_profile(p) if p.is_file() else None
 
 
 def _directive(opt: str) -> str:
@@ -169,7 +199,9 @@ def write_scripts(sweep: Sweep, run: PlannedRun, profile: SlurmProfile, workdir:
     nodes, per_node = resources(profile, run)
     cfg = run.config.model_copy(update={"launch": run.config.launch.model_copy(
         update={"num_machines": nodes, "num_processes": nodes * per_node})})
-    assert cfg.run_id() == run.run_id  # launch is not part of the run id
+    if cfg.run_id() != run.run_id:  # the global batch is part of the run id: bind the sweep first
+        raise LexfineError(f"run {run.run_id} was planned for another job shape ({cfg.run_id()} with "
+                           f"{nodes} x {per_node} processes): plan it with slurm.for_profile")
     cfg_file = config_path(sweep, run)
     atomic_write_text(cfg_file, cfg.to_yaml())
     d = sweep.sweep_dir / "slurm"
@@ -251,7 +283,15 @@ def submit(sweep: Sweep, profile: SlurmProfile, *, dry_run: bool = False, force:
     evaluations and runs whose job is still queued are skipped unless `force`. Returns one record per run."""
     if not dry_run and not shutil.which("sbatch"):
         raise LexfineError("sbatch not found: run `lexfine sweep submit` on a SLURM login node (or use --dry-run)")
+    sweep = for_profile(sweep, profile)  # run ids from the launch the jobs will use
+    if only is not None:
+        chosen = {r.index for r in only}
+        only = [r for r in sweep.runs if r.index in chosen]
     prepare(sweep, create_run_dirs=not dry_run)
+    import yaml
+
+    atomic_write_text(sweep.sweep_dir / "slurm" / PROFILE_COPY, yaml.safe_dump(profile.model_dump(mode="json"),
+                                                                                 sort_keys=False))
     workdir = workdir or profile.workdir or os.getcwd()
     runs = only if only is not None else sweep.runs
     state = read_state(sweep.sweep_dir)

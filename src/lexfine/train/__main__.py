@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from lexfine.runlock import RunLockedError
 
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR
+        return getattr(e, "exit_code", EXIT_LOCKED if isinstance(e, RunLockedError) else EXIT_USER_ERROR)
     except KeyboardInterrupt as e:
         from lexfine.train.signals import Interrupted
 

@@ -8,6 +8,7 @@ import time
 from transformers import TrainerCallback
 
 from lexfine.rundir import RunDir
+from lexfine.train.divergence import nonfinite_fields
 
 
 class MetricsCallback(TrainerCallback):
@@ -17,6 +18,10 @@ class MetricsCallback(TrainerCallback):
     turns it on). It is saved in every checkpoint's trainer_state.json and restored with it, so after a resume the
     count goes on exactly where the checkpoint left it (TRL's own counter restarts at 0). tokens/s is measured
     between two logs, so it covers data loading, forward, backward and the optimizer step.
+
+    A non-finite (NaN/inf) loss or grad norm is written as null and named in `"nonfinite": ["loss", ...]` (the
+    key is present only on such rows): JSON has no NaN, and a null must never be mistaken for a missing value,
+    nor a blown-up step for a perfect one (transformers' NaN filter, which logged 0.0, is off: train/sft.py).
     """
 
     def __init__(self, run_dir: RunDir, elapsed_offset: float = 0.0, resumed_tokens: int = 0):
@@ -50,6 +55,7 @@ class MetricsCallback(TrainerCallback):
         if tokens is not None and self.last_tokens is not None and now > self.last_time:
             rate = (tokens - self.last_tokens) / (now - self.last_time)
         loss = float(logs["loss"])
+        bad = nonfinite_fields(logs)
         row = {
             "step": state.global_step,
             "epoch": round(float(state.epoch or 0.0), 4),
@@ -60,5 +66,7 @@ class MetricsCallback(TrainerCallback):
             "tokens_per_s": round(rate, 1) if rate is not None else None,
             "elapsed_s": round(self.elapsed_offset + now - self.start, 2),
         }
+        if bad:
+            row["nonfinite"] = bad
         self.run_dir.append_metrics(row)
         self.last_time, self.last_tokens = now, tokens

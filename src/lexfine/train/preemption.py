@@ -72,22 +72,7 @@ class PreemptionCallback(TrainerCallback):
 
     # agreement across ranks --------------------------------------------------------------
     def _agree(self) -> bool:
-        flag = self.received
-        try:
-            import torch
-            import torch.distributed as dist
-        except ImportError:  # pragma: no cover
-            return flag
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return flag
-        backend = str(dist.get_backend()).lower()
-        if "nccl" in backend and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank(self.received)
 
     # trainer hooks -----------------------------------------------------------------------
     def on_step_end(self, args, state, control, **kwargs):
@@ -100,6 +85,26 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (an all-reduce MAX; every rank must call it at the same
+    point). Without torch.distributed, or with one process, the flag itself."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return flag
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _is_rank0(env) -> bool:

@@ -2,7 +2,8 @@
 
 A sharded save (ZeRO-3 without gathering, FSDP with the wrong state-dict type) can write an adapter with missing
 modules or empty tensors, and a run whose updates never reached the saved weights leaves every lora_B at its zero
-initialisation. Either would only show much later as "fine-tuning did nothing"; lexfine checks right after saving.
+initialisation; a run that blew up saves NaN/inf weights. Each would only show much later as "fine-tuning did
+nothing" (or as chance-level scores); lexfine checks right after saving.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ def adapted_modules(model) -> set[str]:
 
 
 def check_saved_adapter(adapter_dir: str | Path, expected: set[str], trained: bool = True) -> dict:
-    """Every expected module saved with non-empty lora_A and lora_B; with `trained`, not every lora_B still zero.
-    Returns a summary for the manifest; raises LexfineError naming what is wrong."""
+    """Every expected module saved with non-empty, finite lora_A and lora_B; with `trained`, not every lora_B still
+    zero. Returns a summary for the manifest; raises LexfineError naming what is wrong."""
+    import torch
     from safetensors import safe_open
 
     path = Path(adapter_dir) / WEIGHTS
     if not path.is_file():
         raise LexfineError(f"saved adapter has no {WEIGHTS}: {path.parent}")
     saved: dict[str, set[str]] = {}
-    empty, nonzero_b = [], 0
+    empty, nonfinite, nonzero_b = [], [], 0
     with safe_open(str(path), "pt") as f:
         for key in f.keys():
             if ".lora_" not in key:
@@ -46,6 +48,9 @@ def check_saved_adapter(adapter_dir: str | Path, expected: set[str], trained: bo
             t = f.get_tensor(key)
             if t.numel() == 0:
                 empty.append(key)
+                continue
+            if not bool(torch.isfinite(t).all()):
+                nonfinite.append(key)
             elif rest.startswith("B") and bool(t.abs().sum() > 0):
                 nonzero_b += 1
     complete = {m for m, kinds in saved.items() if kinds >= {"A", "B"}}
@@ -55,6 +60,9 @@ def check_saved_adapter(adapter_dir: str | Path, expected: set[str], trained: bo
         if empty:
             detail += ("; " if detail else "") + f"{len(empty)} empty tensors (first: {empty[0]})"
         raise LexfineError(f"the saved adapter is incomplete: {detail} — a sharded save did not gather the weights")
+    if nonfinite:
+        raise LexfineError(f"the saved adapter holds NaN/inf weights in {len(nonfinite)} tensors (first: "
+                           f"{nonfinite[0]}): training diverged; lower train.lr and train it again with --force")
     if trained and complete and nonzero_b == 0:
         raise LexfineError("every lora_B of the saved adapter is still zero: the training updates did not reach the "
                            "saved weights")

@@ -40,6 +40,14 @@ def run(cfg: RunConfig) -> RunDir:
     if rd.status == "completed":
         log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
+    from lexfine.train.divergence import TrainingDiverged
+    from lexfine.train.global_batch import check_launch
+
+    if rd.status == "diverged":
+        raise TrainingDiverged(f"run {cfg.run_id()} diverged before (step {rd.manifest().get('diverged_at_step')}): "
+                               f"{rd.path}; lower train.lr and `lexfine train --force` trains it again")
+    ckpt = rd.latest_checkpoint()
+    global_batch = check_launch(cfg, rd.manifest(), ckpt.name if ckpt else None)
     main = is_main_process()
     with RunLock(rd.path) if main else nullcontext(), StopOnSignal() as guard:
         if main and rd.status == "completed":  # the previous holder completed it after our first look
@@ -47,11 +55,11 @@ def run(cfg: RunConfig) -> RunDir:
         if main:
             rd.create(cfg.to_yaml(), cfg.run_id())
             rd.set_status("running", started=now_iso(), versions=package_versions(), git_sha=git_sha(),
-                          hardware=hardware(), world_size=world_size())
+                          hardware=hardware(), world_size=world_size(), global_batch=global_batch)
         try:
             preempted = _train(cfg, rd, main, guard)
         except BaseException as e:
-            if main:
+            if main and not isinstance(e, TrainingDiverged):  # record_divergence wrote the manifest
                 _record_failure(rd, e)
             raise
         if preempted:
@@ -100,8 +108,8 @@ def build_args(cfg: RunConfig, rd: RunDir):
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else 0,  # transformers 5: a float < 1 is a ratio
+        lr_scheduler_type=lr_scheduler(t),
+        warmup_steps=warmup_steps(t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -116,6 +124,9 @@ def build_args(cfg: RunConfig, rd: RunDir):
         logging_first_step=True,
         # counted into trainer_state.json, so a resume continues the count exactly (metrics.jsonl num_tokens)
         include_num_input_tokens_seen="all" if t.padding_free else "non_padding",
+        # Log a NaN/inf loss as it is: the default filter logs the running mean instead (0.0 on a window's first
+        # step), and a blown-up run looks perfect. train/divergence.py stops such a run.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -136,6 +147,19 @@ def build_args(cfg: RunConfig, rd: RunDir):
     if cfg.launch.strategy == "fsdp2" and not cuda and world_size() > 1:
         log.warning("launch.strategy=fsdp2 needs CUDA GPUs: on a CPU accelerate trains these processes with plain DDP")
     return SFTConfig(**_compatible(SFTConfig, fields))
+
+
+def lr_scheduler(t) -> str:
+    """`constant` has no warm-up in transformers: with a warm-up it must be constant_with_warmup."""
+    return "constant_with_warmup" if t.lr_scheduler == "constant" and t.warmup_ratio > 0 else t.lr_scheduler
+
+
+def warmup_steps(ratio: float) -> float:
+    """transformers 5 reads warmup_steps < 1 as a fraction of the run's steps and >= 1 as a step count, so 1.0
+    would be one step. The largest float below 1 gives ceil(steps x ratio) = every step (for < 2**52 steps)."""
+    import math
+
+    return math.nextafter(1.0, 0.0) if ratio >= 1.0 else float(ratio)
 
 
 def _compatible(config_cls, fields: dict) -> dict:
@@ -209,6 +233,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
 
     from lexfine import models
     from lexfine.train.callbacks import MetricsCallback
+    from lexfine.train.divergence import DivergenceCallback, record_divergence
     from lexfine.train.preemption import PreemptionCallback
     from lexfine.train.speed import apply_speed_levers
     from lexfine.train.timings import TimingsCallback
@@ -242,8 +267,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
     timings_cb = TimingsCallback((lambda t: rd.update_manifest(timings=t)) if main else None, timings)
+    diverge_cb = DivergenceCallback(cfg.train.max_nonfinite_steps)  # after preempt_cb: it sees its save requests
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, timings_cb, *callbacks])
+                         peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, diverge_cb, timings_cb, *callbacks])
+    diverge_cb.attach(trainer)
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -255,6 +282,9 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     preempt_cb.uninstall()
     guard.armed = True  # from here (saving, evaluating) a signal stops at once
     wall = elapsed0 + time.perf_counter() - start
+    if diverge_cb.diverged_at is not None:
+        trainer.accelerator.wait_for_everyone()
+        raise record_divergence(rd, diverge_cb, main)
     if preempt_cb.preempted:
         return True
 

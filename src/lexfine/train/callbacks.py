@@ -30,6 +30,11 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.start = self.last_time = time.perf_counter()
 
+    def exclude_time(self, seconds: float) -> None:
+        """Evaluation during training took `seconds`: keep them out of tokens_per_s (elapsed_s still counts them)."""
+        if self.last_time is not None:
+            self.last_time += seconds
+
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
@@ -42,8 +47,8 @@ class MetricsCallback(TrainerCallback):
         rate = None
         if tokens is not None and self.last_tokens is not None and now > self.last_time:
             rate = (tokens - self.last_tokens) / (now - self.last_time)
-        elif tokens is not None and self.rows == 0 and now > self.start:
-            rate = (tokens - max(self.tokens_offset, self.resumed_tokens)) / (now - self.start)
+        elif tokens is not None and self.rows == 0 and now > self.last_time:
+            rate = (tokens - max(self.tokens_offset, self.resumed_tokens)) / (now - self.last_time)
         loss = float(logs["loss"])
         row = {
             "step": state.global_step,

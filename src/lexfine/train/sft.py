@@ -168,7 +168,7 @@ def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
     if ckpt is None:
         return None, 0.0, 0
     step = int(ckpt.name.split("-")[1])
-    rows = [r for r in rd.metrics() if r.get("step", 0) <= step]
+    rows = [r for r in rd.train_metrics() if r.get("step", 0) <= step]
     if main:
         rd.truncate_metrics_after(step)
     last = rows[-1] if rows else {}
@@ -209,8 +209,16 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     ckpt, elapsed0, tokens0 = _resume_state(rd, main)
     metrics_cb = MetricsCallback(rd, elapsed_offset=elapsed0, resumed_tokens=tokens0)
     preempt_cb = PreemptionCallback()
+    eval_cb = None
+    if cfg.eval_during.every_steps:
+        from lexfine.train.eval_during import EvalDuringCallback
+
+        eval_cb = EvalDuringCallback(cfg, rd, tokenizer, main, metrics_callback=metrics_cb)
+        callbacks.append(eval_cb)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, *callbacks])
+    if eval_cb is not None:
+        eval_cb.trainer = trainer  # it logs to the trackers and saves the best checkpoint through the trainer
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -240,7 +248,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        rows = rd.metrics()
+        rows = rd.train_metrics()
         tokens = rows[-1]["num_tokens"] if rows and rows[-1].get("num_tokens") is not None else None
         rd.set_status(
             "completed", finished=now_iso(), wall_time_s=round(wall, 2), steps=trainer.state.global_step,

@@ -78,3 +78,20 @@ def test_best_target_needs_a_selected_checkpoint(tmp_path):
     t = resolve_target(f"{rd.path}@best")
     assert t.weights == "adapter" and t.weights_dir == rd.path / "best" and t.out_dir == rd.path / "best"
     assert EvalDuringArgs().select is None
+
+
+def test_export_takes_the_selected_checkpoint(tmp_path):
+    from lexfine.errors import LexfineError
+    from lexfine.export import export_run
+
+    rd = RunDir(tmp_path / "run")
+    rd.create("name: run\n", "run")
+    rd.set_status("completed")
+    (rd.path / "adapter").mkdir()
+    (rd.path / "adapter" / "adapter_config.json").write_text('{"final": true}')
+    with pytest.raises(LexfineError, match="has no best/"):
+        export_run(f"{rd.path}@best", tmp_path / "o", merge=False)
+    (rd.path / "best").mkdir()
+    (rd.path / "best" / "adapter_config.json").write_text('{"best": true}')
+    out = export_run(f"{rd.path}@best", tmp_path / "o", merge=False)
+    assert (out / "adapter_config.json").read_text() == '{"best": true}'

@@ -51,3 +51,28 @@ def test_rows_match_lexfine_eval_training_is_unchanged_and_best_is_selected(tiny
     if best == 2:  # the best/ adapter is step 2's, not the final one
         at_best = evaluate(f"{rd.path}@best", "lexam_mcq4", limit=6, write=False, progress=False)
         assert at_best["accuracy"] == pytest.approx(by_step[2]["eval/lexam_mcq4/accuracy"], abs=1e-4)
+
+
+def test_preempted_run_resumes_without_repeating_evaluations(tiny_config, monkeypatch):
+    import os
+    import signal
+
+    from lexfine.train import callbacks
+
+    cfg = validate(tiny_config(train__keep_checkpoints=True, eval_during=EVAL))
+    original = callbacks.MetricsCallback.on_log
+
+    def signal_at_step_2(self, args, state, control, logs=None, **kw):
+        original(self, args, state, control, logs=logs, **kw)
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(callbacks.MetricsCallback, "on_log", signal_at_step_2)
+    rd = run(cfg)
+    assert rd.status == "interrupted" and [r["step"] for r in _eval_rows(rd)] == [0, 2]  # no end-of-run scoring
+    monkeypatch.setattr(callbacks.MetricsCallback, "on_log", original)
+    rd = run(cfg)
+    assert rd.status == "completed" and rd.manifest()["resumed_from"] == "checkpoint-3"
+    assert [r["step"] for r in _eval_rows(rd)] == [0, 2, 4]  # the base model is not scored again
+    assert [r["step"] for r in rd.train_metrics()] == [1, 2, 3, 4]
+    assert rd.manifest()["eval_during"]["evaluations"] == 3

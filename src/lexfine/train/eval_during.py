@@ -191,7 +191,8 @@ class EvalDuringCallback(TrainerCallback):
             self._evaluate(args, state, control, model)
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        if self.last_step != state.global_step:
+        # Stopped before max_steps: preempted (the grace period is for the checkpoint) or stopped early (scored).
+        if self.last_step != state.global_step and state.global_step >= state.max_steps:
             self._evaluate(args, state, control, model)
 
     def _evaluate(self, args, state, control, model) -> None:

@@ -68,7 +68,7 @@ def load_task_cases(cfg: RunConfig, task: Task, seed: int = 0) -> tuple[list[Eva
 
 def prepare(cfg: RunConfig, tokenizer, info: dist.DistInfo, device) -> list[Prepared]:
     """Load and tokenize every task's cases once (this rank's shard only)."""
-    from lexfine.eval.loglik import Case, length_batches
+    from lexfine.eval.loglik import Case, _block, length_batches
     from lexfine.eval.runner import _pad_id, batch_limits, build_prompt, make_plan
 
     max_length = cfg.eval_options.max_length or cfg.train.max_length  # as `lexfine eval <run>` (eval/target.py)
@@ -81,7 +81,8 @@ def prepare(cfg: RunConfig, tokenizer, info: dist.DistInfo, device) -> list[Prep
         mine = dist.shard([len(c.example.before) + len(c.example.facts) + len(c.example.after) for c in cases], info)
         prompts = [build_prompt(tokenizer, cases[i].example, plan, cfg.data.truncation)[0] for i in (mine or [0])]
         scored = [Case(p, plan.candidates) for p in prompts]
-        n = len(length_batches([len(c.prompt) + sum(len(x) for x in c.candidates) for c in scored], bs, cap))
+        # the batches score_cases will form (same lengths, same limits): the count each rank must reach
+        n = len(length_batches([len(c.prompt) + len(_block(c.candidates)[0]) for c in scored], bs, cap))
         if info.world > 1:
             import torch
 

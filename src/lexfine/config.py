@@ -393,6 +393,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   ann)  # Optional[Section] (eval_during.select)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:

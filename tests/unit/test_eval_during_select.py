@@ -21,6 +21,8 @@ def test_config_refuses_a_select_metric_of_another_task():
         build_config({"eval_during": {"select": {"metric": "eval/lexam_mcq8/accuracy"}}})
     with pytest.raises(ConfigError, match="lexam_mcq\\* task"):
         build_config({"eval_during": {"tasks": ["sjp"], "select": {"metric": T}}})
+    with pytest.raises(ConfigError, match="'eval_during.select.foo'; allowed here: metric, max_lexam_drop"):
+        build_config({}, ["eval_during.select.foo=1"])
     with pytest.raises(ConfigError, match="unknown task 'sjp:generate'"):
         build_config({}, ["eval_during.tasks=[sjp:generate]"])
 

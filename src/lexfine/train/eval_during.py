@@ -174,7 +174,10 @@ class EvalDuringCallback(TrainerCallback):
         with preserved_rng():
             self.prepared = prepare(self.cfg, self.tokenizer, self.info, next(model.parameters()).device)
         prep_s = time.perf_counter() - t0
-        done = [r for r in self.rd.metrics() if any(k.startswith("eval/") for k in r)] if state.global_step else []
+        # resumed: the evaluations up to the checkpoint (filtered here too: other ranks may read before rank 0 has
+        # truncated the file, and every rank must replay the same rows to take the same decisions)
+        done = [r for r in self.rd.metrics() if any(k.startswith("eval/") for k in r)
+                and r.get("step", 0) <= state.global_step] if state.global_step else []
         self.selector.restore(done, self.rd, self.main)
         if self.main:
             prev = (self.rd.manifest().get("eval_during") or {}) if state.global_step else {}

@@ -19,7 +19,8 @@ def test_rows_match_lexfine_eval_training_is_unchanged_and_best_is_selected(tiny
 
     plain = run(validate(tiny_config(lora__dropout=0.1, output_dir=str(tmp_path / "a"))))
     select = {"metric": "eval/sjp/validation/accuracy", "max_lexam_drop": 1.0}
-    cfg = validate(tiny_config(lora__dropout=0.1, output_dir=str(tmp_path / "b"), eval_during={**EVAL, "select": select}))
+    cfg = validate(tiny_config(lora__dropout=0.1, output_dir=str(tmp_path / "b"),
+                               eval_during={**EVAL, "select": select}))
     rd = run(cfg)
     assert cfg.run_id() == validate(tiny_config(lora__dropout=0.1)).run_id()  # not part of the run's identity
     # same weight updates: evaluation consumed no training randomness (LoRA dropout is on) and every step is logged
@@ -76,3 +77,21 @@ def test_preempted_run_resumes_without_repeating_evaluations(tiny_config, monkey
     assert [r["step"] for r in _eval_rows(rd)] == [0, 2, 4]  # the base model is not scored again
     assert [r["step"] for r in rd.train_metrics()] == [1, 2, 3, 4]
     assert rd.manifest()["eval_during"]["evaluations"] == 3
+
+
+def test_early_stop_ends_training_completed(tiny_config, monkeypatch):
+    from lexfine.train import select
+
+    original = select.Selector.update
+
+    def collapse_at_step_2(self, step, values):  # the rule itself: tests/unit/test_eval_during_select.py
+        d = original(self, step, values)
+        d.stop = "retention collapsed" if step == 2 else None
+        return d
+
+    monkeypatch.setattr(select.Selector, "update", collapse_at_step_2)
+    rd = run(validate(tiny_config(eval_during={**EVAL, "every_steps": 1, "stop_lexam_drop": 0.1})))
+    m = rd.manifest()
+    assert m["status"] == "completed" and m["steps"] == 2
+    assert m["stopped_early"] == {"step": 2, "reason": "retention collapsed"}
+    assert [r["step"] for r in _eval_rows(rd)] == [0, 1, 2] and (rd.adapter_dir / "adapter_config.json").is_file()

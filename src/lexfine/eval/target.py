@@ -31,7 +31,7 @@ class Target:
     weights: str = "base"  # base | adapter | full
     cfg: RunConfig | None = None
     eval_args: EvalArgs = field(default_factory=EvalArgs)  # default data (a run: its eval_options)
-    checkpoint: str | None = None  # a run's selected checkpoint (`<run>@best`: <run>/best/) instead of its final weights
+    checkpoint: str | None = None  # `<run>@best`: the run's selected checkpoint in <run>/best/, not its final weights
 
     @property
     def weights_dir(self) -> Path | None:

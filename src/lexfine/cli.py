@@ -151,7 +151,8 @@ def _call_forwarding_signals(cmd: list[str], env: dict) -> int:
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A completed run directory."),
+    run_dir: Path = typer.Argument(..., help="A completed run directory, or <run>@best: the checkpoint "
+                                             "eval_during.select kept."),
     out: Path = typer.Option(..., "--out", help="Where to write a standalone Hugging Face model directory."),
     merge: bool = typer.Option(True, help="LoRA runs: merge the adapter into the base weights."),
 ) -> None:

@@ -205,6 +205,65 @@ class EvalArgs(Section):
     """Context limit for evaluation prompts (null: the training max_length)."""
 
 
+class SelectArgs(Section):
+    metric: str = "eval/sjp/validation/macro_f1"
+    """The eval_during metric to maximise (a key of the eval/ rows in metrics.jsonl)."""
+    max_lexam_drop: float | None = Field(0.05, ge=0)
+    """Only checkpoints whose LEXam accuracy (eval/<first lexam task>/accuracy) is at most this far below the base
+    model's (absolute, 0.05 = 5 points) can be selected. null: no retention condition."""
+
+
+class EvalDuringArgs(Section):
+    every_steps: int = Field(0, ge=0)
+    """Score the tasks every N optimizer steps, at the end and once before step 1 (the base model). 0: off."""
+    tasks: list[str] = Field(default_factory=lambda: ["sjp", "lexam_mcq4"])
+    """Tasks scored by loglik, as `lexfine eval` scores them: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32."""
+    limit: int | None = Field(200, ge=1)
+    """Cases per task (a seeded subset, the same at every evaluation). null: all."""
+    sjp_data: str | None = None
+    """SJP cases. null: the validation years of data.train when it has them, else bundled:sjp_fr_heldout."""
+    sjp_split: Literal["train", "validation", "test", "all"] = "validation"
+    """Year split of the SJP cases."""
+    lexam_data: str | None = None
+    """LEXam data (hub id, folder or file). null: the bundled sample."""
+    batch_size: int | None = Field(None, ge=1)
+    """Cases per forward pass. null: as `lexfine eval` (64 on a GPU, 8 on a CPU)."""
+    select: SelectArgs | None = None
+    """Checkpoint selection, e.g. {metric: eval/sjp/validation/macro_f1, max_lexam_drop: 0.05}: the best checkpoint
+    under the rule is saved to <run>/best/ (`lexfine eval <run>@best`) and named in the manifest
+    (selected_checkpoint). null: off."""
+    stop_lexam_drop: float | None = Field(None, gt=0)
+    """Early stop: end training (status completed, manifest stopped_early) once LEXam accuracy is more than this far
+    below the base model's (absolute). null: off."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _loglik_tasks(cls, v: list[str]) -> list[str]:
+        known = {"sjp", "lexam_mcq4", "lexam_mcq8", "lexam_mcq16", "lexam_mcq32"}
+        bad = [t for t in v if t not in known]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(sorted(known))}")
+        return v
+
+    @model_validator(mode="after")
+    def _select_needs_its_tasks(self):
+        s = self.select
+        if s is None:
+            return self
+        task = s.metric.split("/")[1] if s.metric.startswith("eval/") and s.metric.count("/") >= 2 else None
+        if task not in self.tasks:
+            raise ValueError(f"eval_during.select.metric {s.metric!r} is not a metric of eval_during.tasks "
+                             f"{self.tasks}; use e.g. eval/sjp/validation/macro_f1 or eval/lexam_mcq4/accuracy")
+        if (s.max_lexam_drop is not None or self.stop_lexam_drop is not None) and not self.retention_task:
+            raise ValueError("a LEXam retention condition needs a lexam_mcq* task in eval_during.tasks")
+        return self
+
+    @property
+    def retention_task(self) -> str | None:
+        """The LEXam task whose accuracy measures retention: the first lexam_* task."""
+        return next((t for t in self.tasks if t.startswith("lexam")), None)
+
+
 class LaunchArgs(Section):
     strategy: Literal["none", "ddp", "zero2", "zero3", "fsdp2"] = "none"
     """Distributed strategy (an accelerate config shipped with lexfine)."""
@@ -222,6 +281,7 @@ ID_EXCLUDE = {
     "output_dir": True,
     "eval": True,
     "eval_options": True,
+    "eval_during": True,  # scoring during training does not change the weights (RNG states are restored around it)
     "launch": True,
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
               "max_nonfinite_steps",
@@ -244,6 +304,7 @@ class RunConfig(Section):
     eval: list[str] = Field(default_factory=list)
     """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32."""
     eval_options: EvalArgs = Field(default_factory=EvalArgs)
+    eval_during: EvalDuringArgs = Field(default_factory=EvalDuringArgs)
     launch: LaunchArgs = Field(default_factory=LaunchArgs)
     output_dir: str = "runs"
     """Parent folder of run directories."""
@@ -399,6 +460,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   ann)  # Optional[Section] (eval_during.select)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:

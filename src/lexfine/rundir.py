@@ -2,7 +2,7 @@
 
     <run_dir>/config.yaml      resolved RunConfig
     <run_dir>/manifest.json    status, versions, git sha, hardware, timings, token and truncation counts, evals
-    <run_dir>/metrics.jsonl    one JSON object per logged optimizer step
+    <run_dir>/metrics.jsonl    one JSON object per logged optimizer step (+ eval_during rows: step and eval/ keys)
     <run_dir>/checkpoints/     resumable trainer checkpoints
     <run_dir>/adapter/ | model/  final LoRA adapter or full weights (+ tokenizer)
     <run_dir>/eval/<task>-<mode>/{predictions.jsonl, summary.json}
@@ -233,6 +233,10 @@ class RunDir:
     # metrics -----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path)
+
+    def train_metrics(self) -> list[dict]:
+        """The training rows only (they carry `loss`), not the eval_during rows (`eval/...` keys)."""
+        return [r for r in self.metrics() if "loss" in r]
 
     def append_metrics(self, row: dict) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)

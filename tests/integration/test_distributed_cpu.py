@@ -44,3 +44,26 @@ def test_two_processes_match_one_process_with_accumulation(tiny_config, tmp_path
     assert (double.adapter_dir / "adapter_model.safetensors").is_file()
     assert m["adapter_check"] == single.manifest()["adapter_check"] == {"modules": 12, "lora_B_nonzero": 12}
     assert sys.executable
+
+
+def test_eval_during_with_two_processes(tiny_config, tmp_path):
+    """Both ranks score their shard (5 cases: 3 + 2, uneven) and nobody hangs; rank 0's rows are what
+    `lexfine eval` gives for the saved adapter."""
+    from lexfine.eval import evaluate
+
+    cfg = validate(tiny_config(train__group_by_length=False, output_dir=str(tmp_path / "two"),
+                               eval_during={"every_steps": 2, "limit": 5},
+                               launch={"strategy": "ddp", "num_processes": 2}))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(local_command(path, 2, launcher="torchrun"), capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rd = RunDir(cfg.run_dir())
+    rows = [r for r in rd.metrics() if "eval/lexam_mcq4/accuracy" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4] and rows[0]["eval/sjp/validation/n"] == 5
+    assert [r["step"] for r in rd.train_metrics()] == [1, 2, 3, 4]
+    sjp = evaluate(rd.path, "sjp", data="bundled:sjp_fr_heldout", split="validation", limit=5, write=False,
+                   progress=False)
+    assert rows[-1]["eval/sjp/validation/macro_f1"] == pytest.approx(sjp["macro_f1"], abs=1e-4)

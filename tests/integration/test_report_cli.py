@@ -53,3 +53,21 @@ def test_cli_errors_are_one_line(tmp_path):
     res = runner.invoke(_app(), ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
                                  "--smooth-last", "0"])
     assert res.exit_code == 2 and "--smooth-last" in res.stderr
+
+
+def test_eval_during_rows_get_their_figure_and_leave_findings_alone(tmp_path):
+    from lexfine.rundir import RunDir
+
+    runs = tmp_path / "runs"
+    plain = write_run(runs, name="a", rank=8, lr=1e-4, losses=loss_curve(0.8))
+    watched = write_run(runs, name="b", rank=8, lr=1e-3, losses=loss_curve(0.7))
+    for step, (f1, lexam) in enumerate([(0.4, 0.30), (0.6, 0.28), (0.7, 0.10)]):
+        RunDir(watched).append_metrics({"step": step * 10, "epoch": 0.1 * step, "eval/sjp/validation/macro_f1": f1,
+                                        "eval/lexam_mcq4/accuracy": lexam, "eval_s": 1.0})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(_app(), ["report", str(runs), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "8B_eval_during.png").stat().st_size > 10_000
+    f = json.loads((out / "findings.json").read_text())["8B"]
+    assert f["diverged"] == [] and f["best_lr"]["lora"] == {"8": 1e-3}  # eval rows are not (NaN) losses
+    assert plain.is_dir()

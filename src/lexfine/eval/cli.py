@@ -12,8 +12,9 @@ from lexfine.rundir import RunDir
 
 
 def eval_command(
-    target: str = typer.Argument(..., help="A run directory (base + LoRA adapter, or full weights) or a model: "
-                                           "hub id, local directory, smollm2-135m, random:<arch>."),
+    target: str = typer.Argument(..., help="A run directory (base + LoRA adapter, or full weights), <run>@best (the "
+                                           "checkpoint eval_during.select chose; results in <run>/best/eval/) or a "
+                                           "model: hub id, local directory, smollm2-135m, random:<arch>."),
     task: str = typer.Option("sjp", "--task", "-t", help="sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16 or lexam_mcq32 "
                                                           "(comma-separated for several)."),
     data: Optional[str] = typer.Option(None, "--data", help="Data: a file or folder, a hub id or bundled:<name>. "

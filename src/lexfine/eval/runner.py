@@ -297,9 +297,9 @@ def _vllm(tgt: Target, tokenizer, prompts, max_new, eos_ids, max_length):
     from lexfine.models import resolve
 
     if tgt.weights == "full":
-        return generate_vllm(str(tgt.run_dir.model_dir), tokenizer, prompts, max_new, eos_ids,
+        return generate_vllm(str(tgt.weights_dir), tokenizer, prompts, max_new, eos_ids,
                              max_model_len=max_length + max_new)
-    lora = str(tgt.run_dir.adapter_dir) if tgt.weights == "adapter" else None
+    lora = str(tgt.weights_dir) if tgt.weights == "adapter" else None
     rank = tgt.cfg.lora.r if tgt.cfg is not None else 16
     return generate_vllm(resolve(tgt.model).source, tokenizer, prompts, max_new, eos_ids, lora_path=lora,
                          max_model_len=max_length + max_new, lora_rank=rank)
@@ -332,10 +332,10 @@ def _finish(summary: dict, rows: list[dict], tgt: Target, task: Task, mode: str,
     if not write:
         return summary
     if out is None:
-        out = tgt.run_dir.path if tgt.kind == "run" else Path("evals") / tgt.safe_name
+        out = tgt.out_dir if tgt.kind == "run" else Path("evals") / tgt.safe_name
     out_dir = Path(out) / "eval" / f"{task.name}-{mode}"
     write_jsonl(out_dir / "predictions.jsonl", rows)
     atomic_write_json(out_dir / "summary.json", summary)
-    if tgt.kind == "run" and Path(out).resolve() == tgt.run_dir.path.resolve():
+    if tgt.kind == "run" and not tgt.checkpoint and Path(out).resolve() == tgt.run_dir.path.resolve():
         tgt.run_dir.record_eval(task.name, mode, out_dir / "summary.json", headline(summary))
     return {**summary, "summary_path": str(out_dir / "summary.json")}

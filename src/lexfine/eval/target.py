@@ -31,10 +31,27 @@ class Target:
     weights: str = "base"  # base | adapter | full
     cfg: RunConfig | None = None
     eval_args: EvalArgs = field(default_factory=EvalArgs)  # default data (a run: its eval_options)
+    checkpoint: str | None = None  # `<run>@best`: the run's selected checkpoint in <run>/best/, not its final weights
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """The folder holding the run's adapter or full weights (adapter/, model/ or best/)."""
+        if self.run_dir is None:
+            return None
+        if self.checkpoint:
+            return self.run_dir.path / self.checkpoint
+        return self.run_dir.adapter_dir if self.weights == "adapter" else self.run_dir.model_dir
+
+    @property
+    def out_dir(self) -> Path | None:
+        """Where a run's evaluation goes by default: the run directory (or the selected checkpoint's folder)."""
+        return self.weights_dir if self.checkpoint else (self.run_dir.path if self.run_dir else None)
 
     @property
     def name(self) -> str:
-        return self.run_dir.path.name if self.run_dir else self.model
+        if self.run_dir:
+            return self.run_dir.path.name + (f"@{self.checkpoint}" if self.checkpoint else "")
+        return self.model
 
     @property
     def safe_name(self) -> str:
@@ -56,11 +73,35 @@ class Target:
         return ident
 
 
-def from_run(path: str | Path, cfg: RunConfig | None = None, base: str | None = None) -> Target:
+CHECKPOINTS = ("best",)  # `<run>@best`: the checkpoint eval_during.select chose (manifest: selected_checkpoint)
+
+
+def split_checkpoint(spec: str) -> tuple[str, str | None]:
+    """`runs/x@best` -> (`runs/x`, `best`); anything else unchanged."""
+    head, sep, tail = str(spec).rpartition("@")
+    if sep and tail in CHECKPOINTS and RunDir.is_run_dir(head):
+        return head, tail
+    return str(spec), None
+
+
+def from_run(path: str | Path, cfg: RunConfig | None = None, base: str | None = None,
+             checkpoint: str | None = None) -> Target:
     from lexfine.config import load_config
 
     rd = RunDir(path)
     cfg = cfg or load_config(rd.config_path)
+    if checkpoint:
+        ck = rd.path / checkpoint
+        weights = "adapter" if (ck / "adapter_config.json").is_file() else "full" if (ck / "config.json").is_file() \
+            else None
+        if weights is None:
+            raise ModelError(f"run {str(rd.path)!r} has no selected checkpoint in {checkpoint}/ (set "
+                             "eval_during.select in its config and train it); evaluate the final model without @best")
+        if base and weights == "full":
+            raise ModelError(f"--base applies to LoRA runs only; {str(ck)!r} holds full weights")
+        max_length = cfg.eval_options.max_length or cfg.train.max_length
+        return Target(f"{path}@{checkpoint}", "run", base or cfg.model, cfg.model_args, cfg.data, max_length, rd,
+                      weights, cfg, cfg.eval_options, checkpoint)
     if (rd.adapter_dir / "adapter_config.json").is_file():
         weights = "adapter"
     elif (rd.model_dir / "config.json").is_file():
@@ -83,6 +124,9 @@ def resolve_target(spec: str, base: str | None = None, data_args: DataArgs | Non
                    model_args: ModelArgs | None = None) -> Target:
     if RunDir.is_run_dir(spec):
         return from_run(spec, base=base)
+    run, checkpoint = split_checkpoint(spec)
+    if checkpoint:
+        return from_run(run, base=base, checkpoint=checkpoint)
     if base:
         raise ModelError(f"--base is for run directories; {spec!r} is a model, evaluate it directly")
     from lexfine import models
@@ -122,7 +166,7 @@ def load(target: Target, device=None, dtype=None, fused_xielu: bool = True):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args = target.model_args
     if target.weights == "full":
-        spec = models.resolve(str(target.run_dir.model_dir))
+        spec = models.resolve(str(target.weights_dir))
         args = args.model_copy(update={"tokenizer": None, "revision": None, "arch_overrides": {}})
     else:
         spec = models.resolve(target.model)
@@ -135,7 +179,7 @@ def load(target: Target, device=None, dtype=None, fused_xielu: bool = True):
     if target.weights == "adapter":
         from peft import PeftModel
 
-        adapter = target.run_dir.adapter_dir
+        adapter = target.weights_dir
         check_adapter_base(adapter, spec.source, target.model)
         try:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

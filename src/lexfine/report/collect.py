@@ -103,8 +103,8 @@ def load_run_dir(path: Path) -> Run:
                 r = json.loads(line)  # json accepts NaN/Infinity; rundir writes them as null
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if not isinstance(r, dict) or "step" not in r:
-                continue
+            if not isinstance(r, dict) or "step" not in r or "loss" not in r:
+                continue  # eval_during rows (eval/ keys, no loss) are read by report/eval_curves.py
             loss = r.get("loss", math.nan)
             rows.append({
                 "step": r.get("step"),

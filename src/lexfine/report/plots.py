@@ -345,5 +345,9 @@ def make_figures(runset: RunSet, findings: dict, out: Path, s: Settings) -> tupl
             lexam_vs_lr(runs, pal, base, out / f"{tag}_lexam_vs_lr.png"))
         add(f"{tag}_tradeoff", f"{size}: task skill vs knowledge retention", size,
             tradeoff(runs, pal, f.get("retention", {}), base, out / f"{tag}_tradeoff.png"))
+        from lexfine.report.eval_curves import eval_during_curves
+
+        add(f"{tag}_eval_during", f"{size}: task metric and LEXam accuracy during training", size,
+            eval_during_curves(runs, pal, out / f"{tag}_eval_during.png"))
     add("throughput", "Throughput and scaling", None, throughput(runset.runs, out / "throughput.png"))
     return written, skipped

@@ -46,6 +46,11 @@ class MetricsCallback(TrainerCallback):
             return None  # a Trainer built without build_args: no count
         return int(state.num_input_tokens_seen) + self.tokens_offset
 
+    def exclude_time(self, seconds: float) -> None:
+        """Evaluation during training took `seconds`: keep them out of tokens_per_s (elapsed_s still counts them)."""
+        if self.last_time is not None:
+            self.last_time += seconds
+
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return

@@ -219,7 +219,7 @@ def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
             rd.truncate_metrics_after(0)  # no complete checkpoint: training starts over and logs every step again
         return None, 0.0, 0
     step = int(ckpt.name.split("-")[1])
-    rows = [r for r in rd.metrics() if r.get("step", 0) <= step]
+    rows = [r for r in rd.train_metrics() if r.get("step", 0) <= step]
     if main:
         rd.truncate_metrics_after(step)
     last = rows[-1] if rows else {}
@@ -268,9 +268,17 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     preempt_cb = PreemptionCallback()
     timings_cb = TimingsCallback((lambda t: rd.update_manifest(timings=t)) if main else None, timings)
     diverge_cb = DivergenceCallback(cfg.train.max_nonfinite_steps)  # after preempt_cb: it sees its save requests
+    eval_cb = None
+    if cfg.eval_during.every_steps:
+        from lexfine.train.eval_during import EvalDuringCallback
+
+        eval_cb = EvalDuringCallback(cfg, rd, tokenizer, main, metrics_callback=metrics_cb)
+        callbacks.append(eval_cb)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, diverge_cb, timings_cb, *callbacks])
     diverge_cb.attach(trainer)
+    if eval_cb is not None:
+        eval_cb.trainer = trainer  # it logs to the trackers and saves the best checkpoint through the trainer
     if main:
         rd.update_manifest(parameters=models.count_parameters(trainer.model), resumed_from=ckpt.name if ckpt else None)
         if ckpt:
@@ -306,7 +314,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        rows = rd.metrics()
+        rows = rd.train_metrics()
         tokens = rows[-1]["num_tokens"] if rows and rows[-1].get("num_tokens") is not None else None
         tokens = max(int(trainer.state.num_input_tokens_seen), tokens or 0) or None  # steps after the last log too
         rd.set_status(

@@ -11,6 +11,7 @@ from lexfine.errors import EXIT_DIVERGED
 from lexfine.rundir import RunDir
 from lexfine.train.callbacks import MetricsCallback
 from lexfine.train.divergence import DivergenceCallback, TrainingDiverged, nonfinite_fields, record_divergence
+from tests.unit.test_checkpoints import make_ckpt
 
 NAN, INF = float("nan"), float("inf")
 
@@ -96,8 +97,7 @@ def test_record_divergence_keeps_the_last_finite_checkpoint(tmp_path):
     rd = RunDir(tmp_path)
     rd.create("name: x\n", "x-1")
     for s in (2, 4, 6):
-        (rd.checkpoints / f"checkpoint-{s}").mkdir(parents=True)
-        (rd.checkpoints / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
+        make_ckpt(rd.checkpoints, s)  # complete checkpoints: resume only takes those (lexfine.checkpoints)
     cb = DivergenceCallback(2)
     log_steps(cb, [(2.0, 1.0), (NAN, NAN), (NAN, NAN)], start=4)
     err = record_divergence(rd, cb, main=True)

@@ -48,10 +48,16 @@ class Run:
     num_nodes: int | None = None
     gpu: str | None = None
     strategy: str | None = None
+    group: tuple = ()  # comparison group (report/identity.py): (source, shared-identity hash, LoRA-keys hash|None)
+    identity: dict | None = None  # the shared training identity (lexfine runs), to name what differs between groups
+    random_weights: bool = False  # a random-weight model (random:<arch>) is never compared with trained weights
+    nonfinite_steps: int = 0  # logged steps with a non-finite loss or grad norm (null + `nonfinite` flag)
+    eval_settings: dict[str, dict] = field(default_factory=dict)  # "<key>" -> {data, split, limit} of the eval
+    base_settings: dict[str, dict] = field(default_factory=dict)  # the same for base_evals (when recorded)
 
     @property
     def config_key(self) -> tuple:
-        """Runs with the same key are replicates (other seeds, nodes, strategies) of one configuration."""
+        """Runs of one comparison group with the same key are replicates (other seeds, nodes, strategies)."""
         return (self.method, self.rank, self.lr)
 
 
@@ -192,7 +198,10 @@ def _read_config(path: Path) -> dict:
         return defaults
 
 
-def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
+_SETTINGS = ("data", "split", "limit")
+
+
+def _read_evals(run_path: Path, manifest: dict, settings: dict[str, dict]) -> dict[str, dict[str, float]]:
     evals: dict[str, dict[str, float]] = {}
     for key, entry in sorted((manifest.get("evals") or {}).items()):
         if isinstance(entry, dict):
@@ -207,6 +216,8 @@ def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
                 continue
             if isinstance(data, dict):
                 evals[summary.parent.name] = {**evals.get(summary.parent.name, {}), **headline(data)}
+                if isinstance(data.get("settings"), dict):
+                    settings[summary.parent.name] = {k: data["settings"].get(k) for k in _SETTINGS}
     return evals
 
 
@@ -217,6 +228,7 @@ def load_run_dir(path: Path) -> Run:
     except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise LexfineError(f"cannot read run directory {str(path)!r}: {e}") from None
     rows = []
+    nonfinite = 0
     mpath = path / "metrics.jsonl"
     if mpath.is_file():
         for line in mpath.read_text().splitlines():
@@ -227,6 +239,9 @@ def load_run_dir(path: Path) -> Run:
             if not isinstance(r, dict) or "step" not in r:
                 continue
             loss = r.get("loss", math.nan)
+            value = to_float(loss)
+            if r.get("nonfinite") or value is None or not math.isfinite(value):
+                nonfinite += 1  # a null loss is how rundir stores a non-finite one; `nonfinite` names the fields
             rows.append({
                 "step": r.get("step"),
                 # null is how rundir stores a non-finite loss: keep it as NaN so the run counts as diverged
@@ -239,9 +254,14 @@ def load_run_dir(path: Path) -> Run:
     hw = manifest.get("hardware") or {}
     method = str(cfg.get("method") or "lora")
     model = cfg.get("model")
-    size = size_from_name(model) or size_from_params((manifest.get("parameters") or {}).get("total"))
+    size = model_size(cfg, manifest)
     launch = cfg.get("launch") or {}
     tps = to_float(manifest.get("tokens_per_s"))
+    from lexfine.report.identity import group_identity, group_key
+
+    eval_settings: dict[str, dict] = {}
+    evals = _read_evals(path, manifest, eval_settings)
+    base = {k: v for k, v in sorted((manifest.get("base_evals") or {}).items()) if isinstance(v, dict)}
     return Run(
         name=path.name,
         source="lexfine",
@@ -252,16 +272,42 @@ def load_run_dir(path: Path) -> Run:
         size=size,
         curve=curve,
         model=model,
-        evals=_read_evals(path, manifest),
-        base_evals={k: headline(v) for k, v in sorted((manifest.get("base_evals") or {}).items())
-                    if isinstance(v, dict)},
+        evals=evals,
+        base_evals={k: headline(v) for k, v in base.items()},
+        base_settings={k: {s: v["settings"].get(s) for s in _SETTINGS} for k, v in base.items()
+                       if isinstance(v.get("settings"), dict)},
+        eval_settings=eval_settings,
         status=manifest.get("status"),
         tokens_per_s=tps if tps and tps > 0 else throughput_from_curve(curve),
         world_size=manifest.get("world_size") or hw.get("world_size") or launch.get("num_processes"),
         num_nodes=manifest.get("num_nodes") or hw.get("num_nodes") or launch.get("num_machines"),
         gpu=hw.get("gpu_name"),
         strategy=launch.get("strategy") if launch.get("strategy") not in (None, "none") else None,
+        group=("lexfine", *group_key(cfg)),
+        identity=_identity(group_identity(cfg)),
+        random_weights=str(model or "").startswith("random:"),
+        nonfinite_steps=nonfinite,
     )
+
+
+def _identity(parts: tuple[dict, dict | None]) -> dict:
+    shared, lora = parts
+    return {**shared, "lora": lora} if lora is not None else shared
+
+
+def model_size(cfg: dict, manifest: dict) -> str | None:
+    """The base model's size from what was trained, never from the name alone: the parameter count in the manifest
+    (minus the trainable adapter for LoRA), else the name when the architecture is not overridden
+    (random:apertus-8b with arch_overrides is a tiny model, not an 8B)."""
+    params = manifest.get("parameters") or {}
+    total, trainable = to_float(params.get("total")), to_float(params.get("trainable"))
+    if total:
+        if cfg.get("method", "lora") == "lora" and trainable and trainable < total:
+            total -= trainable
+        return size_from_params(total)
+    if _dig(cfg, "model_args.arch_overrides"):
+        return None
+    return size_from_name(cfg.get("model"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _line(ax, pts: dict[float, float], color, label, full: bool) -> None:
 
 
 def loss_vs_lr(runs, pal, s: Settings, path: Path) -> Path | str:
-    ok = [r for r in runs if not is_diverged(r, s.smooth_last)]
+    ok = [r for r in runs if not is_diverged(r, s)]
     if not ok:
         return "no run with a finite final loss"
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -331,19 +331,23 @@ def make_figures(runset: RunSet, findings: dict, out: Path, s: Settings) -> tupl
         else:
             skipped.append({"figure": name, "reason": result})
 
-    for size in runset.sizes():
-        runs = [r for r in runset.runs if (r.size or "unknown") == size]
-        f = findings.get(size, {})
-        base = runset.base_evals.get(size, {})
+    for label, f in findings["groups"].items():
+        size = label
+        runs = [r for r in runset.runs if r.name in f["runs"]]
+        ret = dict(f.get("retention", {}))
+        ret["task_key"] = ret.get("selection_key") or ret.get("report_key")
+        base = dict(runset.base_evals.get(runs[0].size or "unknown", {})) if runs else {}
+        if ret.get("lexam_key") and ret.get("lexam_base_accuracy") is not None:
+            base[ret["lexam_key"]] = {"accuracy": ret["lexam_base_accuracy"]}  # the base on the same questions
         tag = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in size)
         add(f"{tag}_loss_vs_lr", f"{size}: final loss vs learning rate", size,
             loss_vs_lr(runs, pal, s, out / f"{tag}_loss_vs_lr.png"))
         add(f"{tag}_curves", f"{size}: learning curves", size, curves(runs, pal, s, out / f"{tag}_curves.png"))
         add(f"{tag}_task_vs_rank", f"{size}: SJP task metric vs rank", size,
-            task_vs_rank(runs, pal, f.get("retention", {}).get("task_key"), out / f"{tag}_task_vs_rank.png"))
+            task_vs_rank(runs, pal, ret["task_key"], out / f"{tag}_task_vs_rank.png"))
         add(f"{tag}_lexam_vs_lr", f"{size}: LEXam accuracy vs learning rate", size,
             lexam_vs_lr(runs, pal, base, out / f"{tag}_lexam_vs_lr.png"))
         add(f"{tag}_tradeoff", f"{size}: task skill vs knowledge retention", size,
-            tradeoff(runs, pal, f.get("retention", {}), base, out / f"{tag}_tradeoff.png"))
+            tradeoff(runs, pal, ret, base, out / f"{tag}_tradeoff.png"))
     add("throughput", "Throughput and scaling", None, throughput(runset.runs, out / "throughput.png"))
     return written, skipped

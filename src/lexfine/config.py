@@ -197,7 +197,9 @@ class RunConfig(Section):
     data: DataArgs = Field(default_factory=DataArgs)
     train: TrainArgs = Field(default_factory=TrainArgs)
     eval: list[str] = Field(default_factory=list)
-    """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32."""
+    """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32; `task:mode` picks the
+    mode; `sjp@validation` / `sjp@test` score one year split into eval/sjp-<split>-<mode> (selection on validation,
+    the report on test: a sweep lists both)."""
     eval_options: EvalArgs = Field(default_factory=EvalArgs)
     launch: LaunchArgs = Field(default_factory=LaunchArgs)
     output_dir: str = "runs"
@@ -216,9 +218,14 @@ class RunConfig(Section):
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
         known = {"sjp", "lexam_mcq4", "lexam_mcq8", "lexam_mcq16", "lexam_mcq32"}
-        bad = [t for t in v if t.split(":")[0] not in known]
+        bad = [t for t in v if t.split(":")[0].split("@")[0] not in known]
         if bad:
             raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(sorted(known))}")
+        splits = [t for t in v if "@" in t.split(":")[0]]
+        for t in splits:  # sjp@validation / sjp@test: SJP on one year split (eval/sjp-<split>-<mode>)
+            name, split = t.split(":")[0].split("@", 1)
+            if name != "sjp" or split not in ("train", "validation", "test", "all"):
+                raise ValueError(f"task {t!r}: use sjp@validation or sjp@test (a year split of SJP)")
         return v
 
     @model_validator(mode="after")

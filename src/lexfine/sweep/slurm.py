@@ -251,9 +251,14 @@ def submit(sweep: Sweep, profile: SlurmProfile, *, dry_run: bool = False, force:
     evaluations and runs whose job is still queued are skipped unless `force`. Returns one record per run."""
     if not dry_run and not shutil.which("sbatch"):
         raise LexfineError("sbatch not found: run `lexfine sweep submit` on a SLURM login node (or use --dry-run)")
+    from lexfine.sweep.batch import for_resources
+
+    # launch (and, with global_batch, grad_accum) as the profile's nodes x GPUs will run each run
+    chosen = {r.index for r in only} if only is not None else None
+    sweep = for_resources(sweep, lambda run: resources(profile, run))
     prepare(sweep, create_run_dirs=not dry_run)
     workdir = workdir or profile.workdir or os.getcwd()
-    runs = only if only is not None else sweep.runs
+    runs = [r for r in sweep.runs if r.index in chosen] if chosen is not None else sweep.runs
     state = read_state(sweep.sweep_dir)
     ids = [state.get(r.run_id, {}).get(k) for r in runs for k in ("job_id", "eval_job_id")]
     active = set() if dry_run else _active_jobs(ids)

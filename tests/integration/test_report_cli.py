@@ -34,8 +34,9 @@ def test_cli_smoke(tmp_path):
     assert res.exit_code == 0, res.output
     last = res.stdout.strip().splitlines()[-1]
     assert Path(last) == out / "report.md" and Path(last).is_file()
-    f = json.loads((out / "findings.json").read_text())["8B"]
-    assert f["settings"] == {"smooth_last": 10, "rank_tolerance": 0.005, "max_lexam_drop_points": 3.0}
+    f = json.loads((out / "findings.json").read_text())["groups"]["8B-random"]
+    assert f["settings"] == {"smooth_last": 10, "rank_tolerance": 0.005, "max_lexam_drop_points": 3.0,
+                             "rise_margin": 0.02, "spike_ratio": 0.5}
     assert f["best_lr"] == {"full": 1e-5, "lora": {"8": 1e-3}}
     assert f["lr_ratio_lora_over_full"] == 100.0
     html = (out / "report.html").read_text()

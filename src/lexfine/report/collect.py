@@ -102,7 +102,9 @@ def size_from_params(total: Any) -> str | None:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             v = n / scale
-            return f"{round(v)}{unit}" if v >= 10 else f"{v:.1f}".rstrip("0").rstrip(".") + unit
+            if v >= 10 or abs(v - round(v)) <= 0.05 * v:  # a label: 8.05e9 parameters (Apertus-8B) is "8B"
+                return f"{round(v)}{unit}"
+            return f"{v:.1f}".rstrip("0").rstrip(".") + unit
     return f"{int(n)}"
 
 

@@ -335,7 +335,12 @@ def make_figures(runset: RunSet, findings: dict, out: Path, s: Settings) -> tupl
         size = label
         runs = [r for r in runset.runs if r.name in f["runs"]]
         ret = dict(f.get("retention", {}))
-        ret["task_key"] = ret.get("selection_key") or ret.get("report_key")
+        # figures: the selection split first, else the test split, else any SJP evaluation (e.g. split `all`)
+        ret["task_key"] = ret.get("selection_key") or ret.get("report_key") or next(
+            (k for k in sorted({k for r in runs for k in r.evals}) if k.startswith("sjp-")), None)
+        if ret["task_key"] and not ret.get("task_metric"):
+            ret["task_metric"] = "macro_f1" if any("macro_f1" in r.evals.get(ret["task_key"], {}) for r in runs) \
+                else "accuracy"
         base = dict(runset.base_evals.get(runs[0].size or "unknown", {})) if runs else {}
         if ret.get("lexam_key") and ret.get("lexam_base_accuracy") is not None:
             base[ret["lexam_key"]] = {"accuracy": ret["lexam_base_accuracy"]}  # the base on the same questions

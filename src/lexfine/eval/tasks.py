@@ -74,7 +74,8 @@ def parse_task_spec(spec: str) -> tuple[Task, str | None]:
     task = get_task(name)
     if at:
         if task.kind != "sjp":
-            raise ConfigError(f"task {spec!r}: a @split applies to sjp (its years are split); {name} has one split")
+            raise ConfigError(f"task {spec!r}: a @split applies to sjp (sjp@validation, sjp@test); {name} has one split, "
+                              f"give it without @")
         if split not in SPLITS:
             raise ConfigError(f"task {spec!r}: unknown split {split!r}; use sjp@validation (2015-2016) or sjp@test "
                               "(2017-2020)")

@@ -150,7 +150,7 @@ class EvalArgs(Section):
     sjp_data: str = "bundled:sjp_fr_heldout"
     """SJP evaluation data (hub id, path or bundled:<name>)."""
     sjp_split: Literal["train", "validation", "test", "all"] = "all"
-    """Year split of the SJP evaluation data."""
+    """Year split of the SJP evaluation data for a plain `sjp` entry (`sjp@validation` / `sjp@test` name their own)."""
     lexam_data: str | None = None
     """LEXam data: hub id, a folder of mcq_N_choices_test.jsonl files or a file. null: bundled sample."""
     mode: Literal["loglik", "generate"] = "loglik"

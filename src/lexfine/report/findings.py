@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lexfine.report.collect import Run, RunSet, size_sort_key
-from lexfine.report.divergence import DivergenceRule, divergence, window
+from lexfine.report.divergence import DivergenceRule, divergence
 from lexfine.report.identity import differences
 from lexfine.report.select import LEXAM_KEYS, recommend
 

@@ -144,7 +144,7 @@ def _curve(ax, run: Run, color, s: Settings, ls="-", label=None) -> None:
     ax.plot(c["step"], c["loss"], color=color, alpha=0.2, lw=0.6)
     ax.plot(c["step"], c["loss"].rolling(s.smooth_last, min_periods=1).mean(), color=color, lw=1.3, ls=ls,
             label=label)
-    if any(not math.isfinite(x) for x in c["loss"]):
+    if is_diverged(run, s):
         ax.text(0.98, 0.95, "diverged", color="red", ha="right", va="top", transform=ax.transAxes, fontsize=8)
 
 

@@ -248,6 +248,11 @@ class RunConfig(Section):
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
+    def group_hash(self) -> str:
+        """The replicate identity: everything run_hash hashes except train.seed. Runs with the same group hash
+        are replicates (other seeds) of one training; `lexfine report` compares only such groups."""
+        return self.model_copy(update={"train": self.train.model_copy(update={"seed": 0})}).run_hash()
+
     def run_id(self) -> str:
         return f"{self.name}-{self.run_hash()}"
 

@@ -127,3 +127,12 @@ def test_a_zero_loss_does_not_divide(tmp_path):
     f = _one(tmp_path)
     assert f["loss_gap_full_vs_best_lora"] is None and f["rank_saturation"]["spread_at_or_above"] is None
     assert json.loads(to_json(_groups(tmp_path)))["diverged"] == []
+
+
+def test_group_hash_leaves_out_only_the_seed():
+    from lexfine.config import RunConfig
+
+    a = RunConfig(train={"seed": 1})
+    assert a.group_hash() == RunConfig(train={"seed": 2}).group_hash() and a.run_hash() != RunConfig().run_hash()
+    assert a.group_hash() != RunConfig(train={"seed": 1}, data={"loss_on": "all"}).group_hash()
+    assert a.group_hash() != RunConfig(train={"seed": 1}, lora={"alpha": 64}).group_hash()

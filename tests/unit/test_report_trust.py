@@ -136,3 +136,26 @@ def test_group_hash_leaves_out_only_the_seed():
     assert a.group_hash() == RunConfig(train={"seed": 2}).group_hash() and a.run_hash() != RunConfig().run_hash()
     assert a.group_hash() != RunConfig(train={"seed": 1}, data={"loss_on": "all"}).group_hash()
     assert a.group_hash() != RunConfig(train={"seed": 1}, lora={"alpha": 64}).group_hash()
+
+
+def test_cli_report_lists_diverged_run_ids_and_never_ranks_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from lexfine.cli import app
+
+    runs = tmp_path / "runs"
+    ok = write_run(runs, name="ok", rank=8, lr=1e-4, losses=loss_curve(0.8),
+                   evals={"sjp-validation-loglik": {"accuracy": 0.6}})
+    # a NaN step logged as null by a trainer that still ended "completed", with the best validation score
+    nan = write_run(runs, name="nan", rank=8, lr=1e-2, losses=loss_curve(0.1)[:40] + [float("nan")] * 20,
+                    evals={"sjp-validation-loglik": {"accuracy": 0.9}})
+    failed = write_run(runs, name="failed", rank=8, lr=3e-3, losses=loss_curve(0.2), status="failed")
+    res = CliRunner().invoke(app, ["report", str(runs), "--out", str(tmp_path / "out"), "--no-figures"])
+    assert res.exit_code == 0, res.output
+    f = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert f["diverged"] == [nan.name] and f["not_completed"] == {failed.name: "failed"}
+    (g,) = f["groups"].values()
+    assert g["best_lr"]["lora"] == {"8": 1e-4} and g["recommended"]["run"] == ok.name
+    only_failed = CliRunner().invoke(app, ["report", str(failed), "--out", str(tmp_path / "o2"), "--no-figures"])
+    assert only_failed.exit_code == 0, only_failed.output
+    assert json.loads((tmp_path / "o2" / "findings.json").read_text())["groups"] == {}

@@ -43,7 +43,7 @@ def test_reference_study_grid_is_30_lora_plus_3_full():
     evals = ["sjp@validation", "sjp@test", "lexam_mcq4"]  # select on validation years, report test once
     assert s.eval == evals and all(r.config.eval == evals for r in s.runs)
     # what the study's runs did: alpha 32 at every rank, loss on every token, constant LR without warm-up, one
-    # epoch, global batch 128 (planned for launch.num_processes 1: 4 x 32)
+    # epoch, global batch 128 (planned for one 4-GPU node: 4 x 8 x 4)
     assert {r.config.lora.alpha for r in lora} == {32} and {r.config.data.loss_on for r in s.runs} == {"all"}
     assert all(r.config.train.lr_scheduler == "constant" and r.config.train.warmup_ratio == 0 for r in s.runs)
     assert all(r.config.train.epochs == 1 and r.config.train.max_steps == -1 for r in s.runs)

@@ -76,3 +76,13 @@ def test_split_eval_entries():
     assert eval_args(cfg, "sjp")[args.index("--task"):][:2] == ["--task", "sjp"] and "--split" in eval_args(cfg, "sjp")
     with pytest.raises(ValueError, match="sjp@validation or sjp@test"):
         RunConfig(eval=["sjp@later"])
+
+
+def test_planned_ids_are_the_ids_submitted_on_the_alps_profile(tmp_path, monkeypatch):
+    """`sweep plan`/`status` plan for one 4-GPU node: the ids `submit` writes there are the same runs."""
+    from lexfine.sweep.grid import load_sweep
+
+    res = _dry_run(tmp_path, monkeypatch, PROFILE)
+    assert res.exit_code == 0, res.output
+    planned = {r.run_id for r in load_sweep(REPO / "configs/sweep/reference_study_8b.yaml").runs}
+    assert {p.stem for p in (tmp_path / "sweeps/ref8b/configs").glob("*.yaml")} == planned

@@ -97,7 +97,8 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
         """Runs whose LEXam drop is allowed; the words that say how retention was checked."""
         with_drop = [r for r in cands if "lexam_drop_points" in info[r.name]]
         if not with_drop:
-            return cands, "; no LEXam score with a matching base-model score, so retention was not checked"
+            what = "no LEXam evaluation" if lexam_key is None else "no LEXam score with a matching base-model score"
+            return cands, f"; {what}, so retention was not checked"
         kept = [r for r in with_drop if info[r.name]["lexam_drop_points"] <= max_drop + 1e-9]
         if kept:
             return kept, (f" among {len(kept)} runs whose LEXam accuracy ({lexam_key}) is at most {max_drop:g} points "

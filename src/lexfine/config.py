@@ -192,7 +192,7 @@ class EvalArgs(Section):
     sjp_data: str = "bundled:sjp_fr_heldout"
     """SJP evaluation data (hub id, path or bundled:<name>)."""
     sjp_split: Literal["train", "validation", "test", "all"] = "all"
-    """Year split of the SJP evaluation data."""
+    """Year split of the SJP evaluation data for a plain `sjp` entry (`sjp@validation` / `sjp@test` name their own)."""
     lexam_data: str | None = None
     """LEXam data: hub id, a folder of mcq_N_choices_test.jsonl files or a file. null: bundled sample."""
     mode: Literal["loglik", "generate"] = "loglik"
@@ -302,7 +302,9 @@ class RunConfig(Section):
     data: DataArgs = Field(default_factory=DataArgs)
     train: TrainArgs = Field(default_factory=TrainArgs)
     eval: list[str] = Field(default_factory=list)
-    """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32."""
+    """Evaluations after training: sjp, lexam_mcq4, lexam_mcq8, lexam_mcq16, lexam_mcq32; `task:mode` picks the
+    mode; `sjp@validation` / `sjp@test` score one year split into eval/sjp-<split>-<mode> (selection on validation,
+    the report on test: a sweep lists both)."""
     eval_options: EvalArgs = Field(default_factory=EvalArgs)
     eval_during: EvalDuringArgs = Field(default_factory=EvalDuringArgs)
     launch: LaunchArgs = Field(default_factory=LaunchArgs)
@@ -322,9 +324,14 @@ class RunConfig(Section):
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
         known = {"sjp", "lexam_mcq4", "lexam_mcq8", "lexam_mcq16", "lexam_mcq32"}
-        bad = [t for t in v if t.split(":")[0] not in known]
+        bad = [t for t in v if t.split(":")[0].split("@")[0] not in known]
         if bad:
             raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(sorted(known))}")
+        splits = [t for t in v if "@" in t.split(":")[0]]
+        for t in splits:  # sjp@validation / sjp@test: SJP on one year split (eval/sjp-<split>-<mode>)
+            name, split = t.split(":")[0].split("@", 1)
+            if name != "sjp" or split not in ("train", "validation", "test", "all"):
+                raise ValueError(f"task {t!r}: use sjp@validation or sjp@test (a year split of SJP)")
         return v
 
     @model_validator(mode="after")
@@ -357,6 +364,11 @@ class RunConfig(Section):
             payload["global_batch"] = self.global_batch
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def group_hash(self) -> str:
+        """The replicate identity: everything run_hash hashes except train.seed. Runs with the same group hash
+        are replicates (other seeds) of one training; `lexfine report` compares only such groups."""
+        return self.model_copy(update={"train": self.train.model_copy(update={"seed": 0})}).run_hash()
 
     def run_id(self) -> str:
         return f"{self.name}-{self.run_hash()}"

@@ -54,6 +54,19 @@ def _predictions(summary_path: Path) -> list[dict]:
     return [json.loads(x) for x in (summary_path.parent / "predictions.jsonl").read_text().splitlines()]
 
 
+def test_sjp_split_task_writes_its_own_folder(app, tmp_path):
+    """sjp@validation (the bundled held-out cases are 2015-2016) goes to eval/sjp-validation-loglik, next to a plain
+    sjp evaluation; a split that contradicts --split is a one-line error."""
+    res = run_cli(app, "smollm2-135m", "--task", "sjp@validation", "--data", "bundled:sjp_fr_heldout",
+                  "--out", tmp_path / "out", "--limit", 2, "--max-length", 128, "-q")
+    s = _summary(res)
+    assert Path(res.stdout.strip().splitlines()[-1]) == tmp_path / "out" / "eval" / "sjp-validation-loglik" / "summary.json"
+    assert s["settings"]["split"] == "validation" and s["n"] == 2
+    bad = run_cli(app, "smollm2-135m", "--task", "sjp@validation", "--split", "test", "--out", tmp_path / "o2")
+    assert bad.exit_code == 2 and "names split 'validation' but --split is 'test'" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def test_sjp_loglik_embedded(app, tmp_path):
     res = run_cli(app, "smollm2-135m", "--task", "sjp", "--data", "bundled:sjp_fr_heldout", "--mode", "loglik",
                   "--out", tmp_path / "out", "--limit", 20, "--max-length", 384, "-q")

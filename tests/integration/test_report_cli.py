@@ -34,8 +34,9 @@ def test_cli_smoke(tmp_path):
     assert res.exit_code == 0, res.output
     last = res.stdout.strip().splitlines()[-1]
     assert Path(last) == out / "report.md" and Path(last).is_file()
-    f = json.loads((out / "findings.json").read_text())["8B"]
-    assert f["settings"] == {"smooth_last": 10, "rank_tolerance": 0.005, "max_lexam_drop_points": 3.0}
+    f = json.loads((out / "findings.json").read_text())["groups"]["8B-random"]
+    assert f["settings"] == {"smooth_last": 10, "rank_tolerance": 0.005, "max_lexam_drop_points": 3.0,
+                             "rise_margin": 0.02, "spike_ratio": 0.5}
     assert f["best_lr"] == {"full": 1e-5, "lora": {"8": 1e-3}}
     assert f["lr_ratio_lora_over_full"] == 100.0
     html = (out / "report.html").read_text()
@@ -67,7 +68,7 @@ def test_eval_during_rows_get_their_figure_and_leave_findings_alone(tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(_app(), ["report", str(runs), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert (out / "8B_eval_during.png").stat().st_size > 10_000
-    f = json.loads((out / "findings.json").read_text())["8B"]
+    assert (out / "8B-random_eval_during.png").stat().st_size > 10_000
+    f = json.loads((out / "findings.json").read_text())["groups"]["8B-random"]
     assert f["diverged"] == [] and f["best_lr"]["lora"] == {"8": 1e-3}  # eval rows are not (NaN) losses
     assert plain.is_dir()

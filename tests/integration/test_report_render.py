@@ -12,16 +12,17 @@ from lexfine.report.synthetic import loss_curve, write_run
 
 def _full_set(root):
     base = {"lexam_mcq4-loglik": {"accuracy": 0.4}, "lexam_mcq4-generate": {"accuracy": 0.3}}
+    gb = {"train.grad_accum": 8}  # global batch 4 x 8 x 1 GPU = 32, as the 8-GPU run below: one comparison group
     for rank in (4, 16):
         for lr, final, f1, lex in ((1e-4, 0.8, 0.6, 0.39), (1e-3, 0.7, 0.7, 0.30)):
             write_run(root, name=f"r{rank}", rank=rank, lr=lr, losses=loss_curve(final - rank / 1000),
-                      base_evals=base, evals={"sjp-loglik": {"accuracy": f1 + 0.1, "macro_f1": f1,
+                      overrides=gb, base_evals=base, evals={"sjp-validation-loglik": {"accuracy": f1 + 0.1, "macro_f1": f1,
                                                              "majority_baseline": 0.76},
                                               "lexam_mcq4-loglik": {"accuracy": lex},
                                               "lexam_mcq4-generate": {"accuracy": lex - 0.1}})
-    write_run(root, name="full", method="full", lr=1e-5, losses=loss_curve(0.6), base_evals=base,
-              evals={"sjp-loglik": {"accuracy": 0.8, "macro_f1": 0.72}, "lexam_mcq4-loglik": {"accuracy": 0.2}})
-    # the same configuration on 2 nodes: a throughput/scaling figure
+    write_run(root, name="full", method="full", lr=1e-5, losses=loss_curve(0.6), base_evals=base, overrides=gb,
+              evals={"sjp-validation-loglik": {"accuracy": 0.8, "macro_f1": 0.72}, "lexam_mcq4-loglik": {"accuracy": 0.2}})
+    # the same configuration (global batch 32) on 2 nodes: a throughput/scaling figure
     write_run(root, name="r16", rank=16, lr=1e-3, losses=loss_curve(0.684), num_nodes=2, world_size=8, gpu="H100",
               seed=1, seconds_per_step=0.6)
 
@@ -32,8 +33,8 @@ def test_report_with_all_figures(tmp_path):
     md = write_report([tmp_path / "runs"], out)
     assert md == out / "report.md"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["8B_curves.png", "8B_lexam_vs_lr.png", "8B_loss_vs_lr.png", "8B_task_vs_rank.png",
-                    "8B_tradeoff.png", "throughput.png"]
+    assert pngs == ["8B-random_curves.png", "8B-random_lexam_vs_lr.png", "8B-random_loss_vs_lr.png",
+                    "8B-random_task_vs_rank.png", "8B-random_tradeoff.png", "throughput.png"]
     html = (out / "report.html").read_text()
     text = md.read_text()
     for name in pngs:
@@ -51,10 +52,10 @@ def test_missing_evals_skip_figures_cleanly(tmp_path):
     write_run(tmp_path / "runs", name="b", rank=8, lr=1e-3, losses=loss_curve(0.7))
     out = tmp_path / "out"
     write_report([tmp_path / "runs"], out)
-    assert sorted(p.name for p in out.glob("*.png")) == ["8B_curves.png", "8B_loss_vs_lr.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["8B-random_curves.png", "8B-random_loss_vs_lr.png"]
     text = (out / "report.md").read_text()
-    assert "8B_task_vs_rank skipped: no SJP evaluations" in text
-    assert "8B_tradeoff skipped" in text and "throughput skipped" in text
+    assert "8B-random_task_vs_rank skipped: no SJP evaluations" in text
+    assert "8B-random_tradeoff skipped" in text and "throughput skipped" in text
     html = (out / "report.html").read_text()
     assert html.count("<img ") == 2
 
@@ -70,6 +71,7 @@ def test_single_run_like_quickstart(tmp_path):
     import json
 
     f = json.loads((tmp_path / "report" / "findings.json").read_text())
+    f = f["groups"]
     assert list(f) == ["135M"] and f["135M"]["recommended"]["run"] == p.name
     assert f["135M"]["best_lr_at_grid_edge"]["lora"] == {"8": "single"}
     assert md.is_file() and (tmp_path / "report" / "135M_tradeoff.png").is_file()

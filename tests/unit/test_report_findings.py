@@ -22,7 +22,9 @@ def _grid(root, lora: dict, full: dict, **kw):
 
 
 def _findings(root, **settings):
-    return compute(collect([root]), Settings(**settings))["8B"]
+    groups = compute(collect([root]), Settings(**settings))["groups"]
+    assert len(groups) == 1, list(groups)
+    return next(iter(groups.values()))
 
 
 def test_optimum_inside_the_grid(tmp_path):
@@ -69,7 +71,7 @@ def test_diverged_runs_are_listed_and_never_best(tmp_path):
     nan_curve[10] = float("nan")
     write_run(tmp_path, name="nan", rank=8, lr=1e-3, losses=nan_curve)
     # a loss that ends above where it started: finite, but diverged (and the lowest final loss of all)
-    write_run(tmp_path, name="rising", rank=8, lr=3e-3, losses=[0.3 + 0.01 * i for i in range(40)])
+    write_run(tmp_path, name="rising", rank=8, lr=3e-3, losses=[0.3 + 0.01 * i for i in range(60)])
     f = _findings(tmp_path)
     assert [n.split("-")[0] for n in f["diverged"]] == ["nan", "rising"]
     assert f["best_lr"]["lora"] == {"8": 3e-4}
@@ -112,8 +114,10 @@ def test_smoothing_window_is_configurable(tmp_path):
     assert f["smoothing"] == "mean of the last 20 logged training-loss values of each run"
 
 
-def _eval(f1, acc, lexam):
-    return {"sjp-loglik": {"accuracy": acc, "macro_f1": f1}, "lexam_mcq4-loglik": {"accuracy": lexam}}
+def _eval(f1, acc, lexam, test_f1=None):
+    return {"sjp-validation-loglik": {"accuracy": acc, "macro_f1": f1},
+            "sjp-test-loglik": {"accuracy": acc, "macro_f1": f1 if test_f1 is None else test_f1},
+            "lexam_mcq4-loglik": {"accuracy": lexam}}
 
 
 def test_recommendation_respects_the_lexam_drop(tmp_path):
@@ -127,7 +131,7 @@ def test_recommendation_respects_the_lexam_drop(tmp_path):
               base_evals=base)
     f = _findings(tmp_path)
     rec = f["recommended"]
-    assert rec["run"].startswith("balanced") and rec["criterion"] == "task_metric_within_lexam_drop"
+    assert rec["run"].startswith("balanced") and rec["criterion"] == "validation_task_metric"
     assert rec["lexam_drop_points"] == pytest.approx(3.0)
     assert f["retention"]["task_metric"] == "macro_f1" and f["retention"]["lexam_key"] == "lexam_mcq4-loglik"
     assert "macro_f1" in rec["why"] and "5 points" in rec["why"]
@@ -135,7 +139,7 @@ def test_recommendation_respects_the_lexam_drop(tmp_path):
     strict = _findings(tmp_path, max_lexam_drop=0)["recommended"]
     assert strict["run"].startswith("timid")
     none_ok = _findings(tmp_path, max_lexam_drop=0)
-    assert none_ok["recommended"]["criterion"] == "task_metric_within_lexam_drop"
+    assert none_ok["recommended"]["criterion"] == "validation_task_metric"
 
 
 def test_a_base_model_scoring_zero_still_counts_as_a_base_score(tmp_path):
@@ -145,7 +149,7 @@ def test_a_base_model_scoring_zero_still_counts_as_a_base_score(tmp_path):
               base_evals=base)
     f = _findings(tmp_path)
     assert f["retention"]["lexam_key"] == "lexam_mcq4-loglik" and f["retention"]["lexam_base_accuracy"] == 0.0
-    assert f["recommended"]["criterion"] == "task_metric_within_lexam_drop"
+    assert f["recommended"]["criterion"] == "validation_task_metric"
     assert f["recommended"]["lexam_drop_points"] == pytest.approx(-25.0)
 
 
@@ -158,12 +162,13 @@ def test_recommendation_without_evals_is_lowest_loss(tmp_path):
 
 def test_recommendation_with_task_but_no_lexam(tmp_path):
     write_run(tmp_path, name="a", rank=8, lr=1e-4, losses=loss_curve(0.8),
-              evals={"sjp-loglik": {"accuracy": 0.7, "macro_f1": 0.5}})
+              evals={"sjp-validation-loglik": {"accuracy": 0.7, "macro_f1": 0.5}})
     write_run(tmp_path, name="b", rank=8, lr=1e-3, losses=loss_curve(0.7),
-              evals={"sjp-loglik": {"accuracy": 0.7, "macro_f1": 0.6}})
+              evals={"sjp-validation-loglik": {"accuracy": 0.7, "macro_f1": 0.6}})
     write_run(tmp_path, name="c", rank=8, lr=1e-5, losses=loss_curve(0.9))  # missing evals: not a candidate
     rec = _findings(tmp_path)["recommended"]
-    assert rec["run"].startswith("b") and rec["criterion"] == "task_metric_unchecked"
+    assert rec["run"].startswith("b") and rec["criterion"] == "validation_task_metric"
+    assert "retention was not checked" in rec["why"] and "no test-split evaluation" in rec["why"]
 
 
 def test_findings_json_is_deterministic_with_string_rank_keys(tmp_path):
@@ -171,10 +176,10 @@ def test_findings_json_is_deterministic_with_string_rank_keys(tmp_path):
     a = to_json(compute(collect([tmp_path])))
     b = to_json(compute(collect([tmp_path])))
     assert a == b
-    data = json.loads(a)
-    assert list(data) == ["8B"]
-    assert set(data["8B"]["best_lr"]["lora"]) == {"1", "512"}
-    assert data["8B"]["runs"][next(k for k in data["8B"]["runs"] if k.startswith("r1-lr0.0001"))][
+    data = json.loads(a)["groups"]
+    assert list(data) == ["8B-random"]  # random weights: never grouped with a trained 8B
+    assert set(data["8B-random"]["best_lr"]["lora"]) == {"1", "512"}
+    assert data["8B-random"]["runs"][next(k for k in data["8B-random"]["runs"] if k.startswith("r1-lr0.0001"))][
         "final_loss"] == 0.812346  # rounded to 6 significant digits
     for key in ("best_lr", "lr_ratio_lora_over_full", "loss_gap_full_vs_best_lora", "diverged", "recommended"):
-        assert key in data["8B"]
+        assert key in data["8B-random"]

@@ -40,7 +40,16 @@ def test_reference_study_grid_is_30_lora_plus_3_full():
     assert {r.config.train.lr for r in lora} == {1e-5, 1e-4, 1e-3}
     assert sorted({r.config.lora.r for r in lora}) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     assert sorted(r.config.train.lr for r in full) == [1e-6, 1e-5, 1e-4]
-    assert s.eval == ["sjp", "lexam_mcq4"] and all(r.config.eval == ["sjp", "lexam_mcq4"] for r in s.runs)
+    evals = ["sjp@validation", "sjp@test", "lexam_mcq4"]  # select on validation years, report test once
+    assert s.eval == evals and all(r.config.eval == evals for r in s.runs)
+    # what the study's runs did: alpha 32 at every rank, loss on every token, constant LR without warm-up, one
+    # epoch, global batch 128 (planned for one 4-GPU node: 4 x 8 x 4)
+    assert {r.config.lora.alpha for r in lora} == {32} and {r.config.data.loss_on for r in s.runs} == {"all"}
+    assert all(r.config.train.lr_scheduler == "constant" and r.config.train.warmup_ratio == 0 for r in s.runs)
+    assert all(r.config.train.epochs == 1 and r.config.train.max_steps == -1 for r in s.runs)
+    assert s.global_batch == 128
+    assert all(r.config.train.batch_size * r.config.train.grad_accum * r.config.launch.num_processes == 128
+               for r in s.runs)
     assert all(r.config.model == "swiss-ai/Apertus-8B-Instruct-2509" for r in s.runs)  # from base_config
     assert len({r.run_id for r in s.runs}) == 33
     assert any(r.name == "ref8b-lora-r16-lr1e-4" for r in s.runs)
@@ -52,8 +61,21 @@ def test_halfdecade_grid_resolves_half_decades():
     lora = [r for r in s.runs if r.config.method == "lora"]
     full = [r for r in s.runs if r.config.method == "full"]
     assert sorted({r.config.train.lr for r in lora}) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
-    assert len(full) == 5 and s.merged == 10  # the tied LoRA keys do not multiply full fine-tuning runs
-    assert all(r.config.lora.alpha == 2 * r.config.lora.r for r in lora)  # tied group
+    assert len(full) == 5 and len(lora) == 15
+    assert {r.config.lora.alpha for r in lora} == {32}  # fixed across ranks: alpha/r keeps its 1/r scaling
+
+
+def test_global_batch_sets_grad_accum_and_refuses_what_does_not_divide(tmp_path):
+    s = sweep(tmp_path, global_batch=16, grid={"train.lr": [1e-4]},
+              overrides=["train.batch_size=2", "launch.num_processes=2"])
+    assert s.runs[0].config.train.grad_accum == 4
+    with pytest.raises(ConfigError, match=r"global_batch 16 is not a multiple of train.batch_size 2 x 3 processes"):
+        sweep(tmp_path, global_batch=16, grid={"train.lr": [1e-4]},
+              overrides=["train.batch_size=2", "launch.num_processes=3"])
+    with pytest.raises(ConfigError, match="global_batch or train.grad_accum, not both"):
+        sweep(tmp_path, global_batch=16, grid={"train.lr": [1e-4], "train.grad_accum": [1, 2]})
+    with pytest.raises(ConfigError, match="global_batch must be a positive integer"):
+        sweep(tmp_path, global_batch="lots", grid={"train.lr": [1e-4]})
 
 
 def test_tiny_cpu_sweep():

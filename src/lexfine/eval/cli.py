@@ -70,9 +70,9 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, com
          prompt_template, system_prompt, seed, with_base, no_cache, quiet) -> None:
     from lexfine.config import DataArgs
     from lexfine.eval.runner import evaluate
-    from lexfine.eval.tasks import check_mode, get_task
+    from lexfine.eval.tasks import check_mode, split_entry
 
-    tasks = [get_task(t.strip()).name for t in task.split(",") if t.strip()]
+    tasks = [split_entry(t.strip(), mode)[0] for t in task.split(",") if t.strip()]  # sjp, sjp@validation, ...
     check_mode(mode)
     data_args = None
     if prompt_template is not None or system_prompt is not None:
@@ -109,8 +109,10 @@ def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) 
     """The base model's scores on the same cases and prompts, cached by (model, task, mode, data, settings) so a
     sweep computes them once: what `lexfine train ... eval=[...]` records after training, for separate eval jobs.
     Every rank of a data-parallel launch takes part (the base model is scored data-parallel too)."""
-    from lexfine.eval.runner import evaluate, headline
+    from lexfine.eval.configured import base_record
+    from lexfine.eval.runner import evaluate
     from lexfine.eval.target import resolve_target
+    from lexfine.eval.tasks import eval_key
 
     tgt = resolve_target(str(run_dir), base=base)
     summary = evaluate(tgt.base(), task, mode, write=False, **{**kwargs, "max_length": kwargs["max_length"]
@@ -119,8 +121,7 @@ def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) 
         return
     rd = RunDir(run_dir)
     known = rd.manifest().get("base_evals", {})
-    known[f"{task}-{mode}"] = {**headline(summary), "cache_key": summary.get("cache_key"),
-                               "cached": summary.get("cached")}
+    known[eval_key(task, mode)] = base_record(summary)
     rd.update_manifest(base_evals=known)
     typer.echo("base model: " + _line(summary), err=True)
 

@@ -11,15 +11,24 @@ from lexfine.config import RunConfig
 from lexfine.eval import dist
 from lexfine.eval.runner import evaluate, headline
 from lexfine.eval.target import from_run, load
-from lexfine.eval.tasks import split_entry
+from lexfine.eval.tasks import eval_key, split_entry
 from lexfine.rundir import RunDir
 
 
 def _data_for(task: str, cfg: RunConfig) -> tuple[str | None, str | None]:
+    """Data and split of a task spec: `sjp@validation` names its split, plain `sjp` takes eval_options.sjp_split."""
     opts = cfg.eval_options
-    if task == "sjp":
-        return opts.sjp_data, opts.sjp_split
+    if task.startswith("sjp"):
+        return opts.sjp_data, (None if "@" in task else opts.sjp_split)
     return opts.lexam_data, None
+
+
+def base_record(summary: dict) -> dict:
+    """What the manifest keeps of a base-model evaluation: headline metrics, cache key, and the settings (data,
+    split, limit) that `lexfine report` matches a run's evaluation against before computing a drop."""
+    settings = summary.get("settings") or {}
+    return {**headline(summary), "cache_key": summary.get("cache_key"), "cached": summary.get("cached"),
+            "settings": {k: settings.get(k) for k in ("data", "split", "limit")}}
 
 
 def run_configured_evals(run_dir: RunDir, cfg: RunConfig, model=None, tokenizer=None) -> dict:
@@ -52,15 +61,14 @@ def run_configured_evals(run_dir: RunDir, cfg: RunConfig, model=None, tokenizer=
         common = dict(data=data, limit=opts.limit, batch_size=opts.batch_size, max_length=target.max_length,
                       split=split)
         summary = evaluate(target, task, mode, out=rd.path, model=model, tokenizer=tokenizer, **common)
-        name = f"{task}-{mode}"
+        name = eval_key(task, mode)
         results["evals"][name] = headline(summary)
         if target.weights == "adapter" and hasattr(model, "disable_adapter"):
             with model.disable_adapter():
                 base = evaluate(target.base(), task, mode, write=False, model=model, tokenizer=tokenizer, **common)
         else:
             base = evaluate(target.base(), task, mode, write=False, model=load_base, **common)
-        results["base_evals"][name] = {**headline(base), "cache_key": base.get("cache_key"),
-                                       "cached": base.get("cached")}
+        results["base_evals"][name] = base_record(base)
     if info.main:
         known = rd.manifest().get("base_evals", {})
         rd.update_manifest(base_evals={**known, **results["base_evals"]})

@@ -17,7 +17,7 @@ from pathlib import Path
 from lexfine.errors import ConfigError, DataError
 from lexfine.eval import cache, dist
 from lexfine.eval.target import Target, resolve_target
-from lexfine.eval.tasks import Task, check_mode, get_task, load_cases
+from lexfine.eval.tasks import Task, check_mode, eval_key, load_cases, parse_task_spec
 from lexfine.rundir import atomic_write_json, now_iso, write_jsonl
 
 log = logging.getLogger("lexfine.eval")
@@ -73,7 +73,11 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     returning (model, tokenizer), called only when the cache has no answer. Without either, the target is loaded.
     compile: loglik scoring through torch.compile'd decoder layers; None: on a GPU for large sets (compile_scoring).
     """
-    t_task = get_task(task)
+    t_task, at_split = parse_task_spec(task)
+    if at_split:
+        if split is not None and split != at_split:
+            raise ConfigError(f"task {task!r} names split {at_split!r} but --split is {split!r}; give one")
+        split = at_split
     check_mode(mode)
     if compile and mode != "loglik":
         raise ConfigError("--compile applies to loglik scoring; generate mode decodes eagerly")
@@ -106,7 +110,7 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
         if hit is not None:
             summary, rows = hit
             summary.update(cached=True, cache_key=key, target=tgt.spec)
-            return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist)
+            return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist, at_split)
 
     if model is not None and not given:
         model, tokenizer = model()
@@ -140,7 +144,7 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     if key is not None:
         summary["cache_key"] = key
         cache.store(key, summary, rows, payload)
-    return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist)
+    return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist, at_split)
 
 
 # loglik on a GPU: 64 rows and 32768 padded tokens per pass scored 1.49x the cases/s of 8 rows for the 8B on an
@@ -326,16 +330,17 @@ def build_summary(task: Task, mode: str, rows: list[dict], candidate_tokens: dic
 
 
 def _finish(summary: dict, rows: list[dict], tgt: Target, task: Task, mode: str, out, write: bool,
-            info_dist) -> dict:
+            info_dist, at_split: str | None = None) -> dict:
     if not info_dist.main:
         return {}  # rank 0 writes and reports
     if not write:
         return summary
     if out is None:
         out = tgt.out_dir if tgt.kind == "run" else Path("evals") / tgt.safe_name
-    out_dir = Path(out) / "eval" / f"{task.name}-{mode}"
+    key = eval_key(f"{task.name}@{at_split}" if at_split else task.name, mode)
+    out_dir = Path(out) / "eval" / key
     write_jsonl(out_dir / "predictions.jsonl", rows)
     atomic_write_json(out_dir / "summary.json", summary)
     if tgt.kind == "run" and not tgt.checkpoint and Path(out).resolve() == tgt.run_dir.path.resolve():
-        tgt.run_dir.record_eval(task.name, mode, out_dir / "summary.json", headline(summary))
+        tgt.run_dir.record_eval(key[: -len(mode) - 1], mode, out_dir / "summary.json", headline(summary))
     return {**summary, "summary_path": str(out_dir / "summary.json")}

@@ -64,10 +64,35 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+SPLITS = ("train", "validation", "test", "all")
+
+
+def parse_task_spec(spec: str) -> tuple[Task, str | None]:
+    """`sjp` -> (sjp, None); `sjp@validation` -> (sjp, "validation"): SJP on one year split, written to its own
+    eval folder (eval/sjp-validation-<mode>) so that a validation and a test evaluation of one run coexist."""
+    name, at, split = spec.partition("@")
+    task = get_task(name)
+    if at:
+        if task.kind != "sjp":
+            raise ConfigError(f"task {spec!r}: a @split applies to sjp (sjp@validation, sjp@test); {name} has one split, "
+                              f"give it without @")
+        if split not in SPLITS:
+            raise ConfigError(f"task {spec!r}: unknown split {split!r}; use sjp@validation (2015-2016) or sjp@test "
+                              "(2017-2020)")
+    return task, split or None
+
+
+def eval_key(spec: str, mode: str) -> str:
+    """The eval folder / manifest key: `sjp-loglik`, `sjp-validation-loglik`, `lexam_mcq4-generate`."""
+    task, split = parse_task_spec(spec)
+    return f"{task.name}-{split}-{mode}" if split else f"{task.name}-{mode}"
+
+
 def split_entry(entry: str, default_mode: str) -> tuple[str, str]:
-    """`sjp` or `sjp:generate` (the form cfg.eval accepts) -> (task, mode)."""
-    name, _, mode = entry.partition(":")
-    return get_task(name).name, check_mode(mode or default_mode)
+    """`sjp`, `sjp:generate` or `sjp@validation[:generate]` (the forms cfg.eval accepts) -> (task spec, mode)."""
+    spec, _, mode = entry.partition(":")
+    task, split = parse_task_spec(spec)
+    return (f"{task.name}@{split}" if split else task.name), check_mode(mode or default_mode)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from lexfine.errors import LexfineError
 from lexfine.report import wandb_export
 from lexfine.report.runs import (Run, RunSet, headline, make_curve, size_from_name, size_from_params,
                                  size_sort_key, throughput_from_curve, to_float)
+from lexfine.report.sizes import model_size
 from lexfine.rundir import RunDir
 from lexfine.runlock import effective_status
 
@@ -71,7 +72,10 @@ def _read_config(path: Path) -> dict:
         return defaults
 
 
-def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
+_SETTINGS = ("data", "split", "limit")
+
+
+def _read_evals(run_path: Path, manifest: dict, settings: dict[str, dict]) -> dict[str, dict[str, float]]:
     evals: dict[str, dict[str, float]] = {}
     for key, entry in sorted((manifest.get("evals") or {}).items()):
         if isinstance(entry, dict):
@@ -86,6 +90,8 @@ def _read_evals(run_path: Path, manifest: dict) -> dict[str, dict[str, float]]:
                 continue
             if isinstance(data, dict):
                 evals[summary.parent.name] = {**evals.get(summary.parent.name, {}), **headline(data)}
+                if isinstance(data.get("settings"), dict):
+                    settings[summary.parent.name] = {k: data["settings"].get(k) for k in _SETTINGS}
     return evals
 
 
@@ -96,6 +102,7 @@ def load_run_dir(path: Path) -> Run:
         raise LexfineError(f"cannot read run directory {str(path)!r}: {' '.join(str(e).split())}") from None
     manifest = RunDir(path).manifest()  # a one-line LexfineError when it is not a JSON object
     rows = []
+    nonfinite = 0
     mpath = path / "metrics.jsonl"
     if mpath.is_file():
         for line in mpath.read_text().splitlines():
@@ -106,6 +113,9 @@ def load_run_dir(path: Path) -> Run:
             if not isinstance(r, dict) or "step" not in r or "loss" not in r:
                 continue  # eval_during rows (eval/ keys, no loss) are read by report/eval_curves.py
             loss = r.get("loss", math.nan)
+            value = to_float(loss)
+            if r.get("nonfinite") or value is None or not math.isfinite(value):
+                nonfinite += 1  # a null loss is how rundir stores a non-finite one; `nonfinite` names the fields
             rows.append({
                 "step": r.get("step"),
                 # null is how rundir stores a non-finite loss: keep it as NaN so the run counts as diverged
@@ -118,9 +128,14 @@ def load_run_dir(path: Path) -> Run:
     hw = manifest.get("hardware") or {}
     method = str(cfg.get("method") or "lora")
     model = cfg.get("model")
-    size = size_from_name(model) or size_from_params((manifest.get("parameters") or {}).get("total"))
+    size = model_size(cfg, manifest)
     launch = cfg.get("launch") or {}
     tps = to_float(manifest.get("tokens_per_s"))
+    from lexfine.report.identity import group_identity, group_key
+
+    eval_settings: dict[str, dict] = {}
+    evals = _read_evals(path, manifest, eval_settings)
+    base = {k: v for k, v in sorted((manifest.get("base_evals") or {}).items()) if isinstance(v, dict)}
     return Run(
         name=path.name,
         source="lexfine",
@@ -131,16 +146,27 @@ def load_run_dir(path: Path) -> Run:
         size=size,
         curve=curve,
         model=model,
-        evals=_read_evals(path, manifest),
-        base_evals={k: headline(v) for k, v in sorted((manifest.get("base_evals") or {}).items())
-                    if isinstance(v, dict)},
+        evals=evals,
+        base_evals={k: headline(v) for k, v in base.items()},
+        base_settings={k: {s: v["settings"].get(s) for s in _SETTINGS} for k, v in base.items()
+                       if isinstance(v.get("settings"), dict)},
+        eval_settings=eval_settings,
         status=effective_status(path, manifest),  # a killed run reads `dead`, not `running`
         tokens_per_s=tps if tps and tps > 0 else throughput_from_curve(curve),
         world_size=manifest.get("world_size") or hw.get("world_size") or launch.get("num_processes"),
         num_nodes=manifest.get("num_nodes") or hw.get("num_nodes") or launch.get("num_machines"),
         gpu=hw.get("gpu_name"),
         strategy=launch.get("strategy") if launch.get("strategy") not in (None, "none") else None,
+        group=("lexfine", *group_key(cfg)),
+        identity=_identity(group_identity(cfg)),
+        random_weights=str(model or "").startswith("random:"),
+        nonfinite_steps=nonfinite,
     )
+
+
+def _identity(parts: tuple[dict, dict | None]) -> dict:
+    shared, lora = parts
+    return {**shared, "lora": lora} if lora is not None else shared
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from lexfine.report.divergence import DivergenceRule, divergence
+from lexfine.report.identity import differences
 from lexfine.report.runs import Run, RunSet, size_sort_key
+from lexfine.report.select import LEXAM_KEYS, recommend
 
-SJP_KEYS = ("sjp-loglik", "sjp-generate")
-LEXAM_KEYS = tuple(f"lexam_mcq{n}-{m}" for n in (4, 8, 16, 32) for m in ("loglik", "generate"))
+__all__ = ["Settings", "compute", "to_json", "smoothed_final_loss", "is_diverged", "LEXAM_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,17 @@ class Settings:
     """Rank saturation: smallest rank whose loss is within this relative tolerance of the best LoRA loss."""
     max_lexam_drop: float = 5.0
     """Recommendation: allowed LEXam accuracy drop from the base model, in percentage points."""
+    rise_margin: float = 0.02
+    """Divergence: relative margin of the last window's mean over the first's (report/divergence.py)."""
+    spike_ratio: float = 0.5
+    """Divergence: a last window this fraction above the run's best rolling mean is a spike."""
 
     def describe(self) -> str:
         return f"mean of the last {self.smooth_last} logged training-loss values of each run"
+
+    @property
+    def rule(self) -> DivergenceRule:
+        return DivergenceRule(smooth_last=self.smooth_last, rise_margin=self.rise_margin, spike_ratio=self.spike_ratio)
 
 
 def smoothed_final_loss(run: Run, k: int) -> float:
@@ -49,13 +59,21 @@ def first_loss(run: Run) -> float:
     return losses[0] if losses else math.nan
 
 
-def is_diverged(run: Run, k: int) -> bool:
-    """Non-finite loss anywhere, or a final (smoothed) loss above the first logged loss."""
-    losses = run.curve["loss"].tolist()
-    if any(not math.isfinite(x) for x in losses):
-        return True
-    return smoothed_final_loss(run, k) > first_loss(run)
+def divergence_reason(run: Run, s: Settings | int) -> str | None:
+    rule = s.rule if isinstance(s, Settings) else Settings(smooth_last=s).rule
+    return divergence(run.curve["loss"].tolist(), rule, nonfinite_steps=run.nonfinite_steps, status=run.status)
 
+
+def is_diverged(run: Run, s: Settings | int) -> bool:
+    """Non-finite values, a significant rise from the first to the last window, or a late spike (divergence.py)."""
+    return divergence_reason(run, s) is not None
+
+
+def _rel(a: float, b: float) -> float | None:
+    """(a - b) / b, or None when b is zero or a value is missing (a zero loss must not divide)."""
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return None
+    return (a - b) / b
 
 def _argmin_lr(losses_by_lr: dict[float, float]) -> tuple[float | None, list[float]]:
     """Best LR and the LRs tied with it. Ties (equal to 1e-9 relative) go to the smaller LR: less forgetting."""
@@ -80,35 +98,12 @@ def _edge(best: float | None, tried: list[float]) -> str | None:
     return None
 
 
-def _pick_key(runs: list[Run], keys: tuple[str, ...], base: dict | None = None) -> str | None:
-    """The first eval key that some run has (and, for LEXam, the base model too)."""
-    extra = sorted({k for r in runs for k in r.evals if k.split("-")[0] == keys[0].split("-")[0]})
-    for key in list(keys) + extra:
-        has_base = base is None or _base_acc(base, runs, key) is not None  # a base score of 0.0 is a score
-        if any("accuracy" in r.evals.get(key, {}) for r in runs) and has_base:
-            return key
-    return None
-
-
-def _base_acc(size_base: dict, runs: list[Run], key: str) -> float | None:
-    for r in runs:
-        v = r.base_evals.get(key, {}).get("accuracy")
-        if v is not None:
-            return v
-    v = size_base.get(key, {}).get("accuracy")
-    return v
-
-
-def _task_metric(runs: list[Run], key: str | None) -> str | None:
-    if key is None:
-        return None
-    return "macro_f1" if any("macro_f1" in r.evals.get(key, {}) for r in runs) else "accuracy"
-
-
-def size_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, Any]:
+def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, Any]:
+    """Findings over one comparison group of completed runs (report/identity.py)."""
     k = s.smooth_last
     final = {r.name: smoothed_final_loss(r, k) for r in runs}
-    diverged = sorted(r.name for r in runs if is_diverged(r, k))
+    reasons = {r.name: divergence_reason(r, s) for r in runs}
+    diverged = sorted(n for n, why in reasons.items() if why)
     ok = [r for r in runs if r.name not in diverged]
 
     # configuration losses: mean over non-diverged replicates
@@ -163,14 +158,16 @@ def size_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, An
             "rank": sat,
             "tolerance": s.rank_tolerance,
             "ranks_within_tolerance": within,
-            "spread_at_or_above": (max(above) - min(above)) / min(above),
+            "spread_at_or_above": _rel(max(above), min(above)),
             "all_at_or_above_within_tolerance": all(rk in within for rk in finite_ranks if rk >= sat),
         }
 
     out: dict[str, Any] = {
         "smoothing": s.describe(),
+        "divergence_rule": s.rule.describe(),
         "settings": {"smooth_last": s.smooth_last, "rank_tolerance": s.rank_tolerance,
-                     "max_lexam_drop_points": s.max_lexam_drop},
+                     "max_lexam_drop_points": s.max_lexam_drop, "rise_margin": s.rise_margin,
+                     "spike_ratio": s.spike_ratio},
         "n_runs": len(runs),
         "best_lr": {"full": full_lr, "lora": {str(rk): lora_best_lr[rk] for rk in ranks}},
         "best_lr_ties": ties,
@@ -191,78 +188,18 @@ def size_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, An
         "final_loss": {"full_best": full_best, "full_best_lr": full_lr, "lora_best": lora_best,
                        "lora_best_rank": best_rank, "lora_best_lr": best_lora_lr,
                        "lora_best_per_rank": {str(rk): lora_best_loss[rk] for rk in ranks}},
-        "loss_gap_full_vs_best_lora": ((full_best - lora_best) / lora_best
-                                       if math.isfinite(full_best) and math.isfinite(lora_best) else None),
+        "loss_gap_full_vs_best_lora": _rel(full_best, lora_best),
         "rank_saturation": saturation,
         "diverged": diverged,
-        "incomplete": sorted(r.name for r in runs if r.status not in (None, "completed")),
     }
-    out["recommended"], out["retention"], runs_info = _recommend(runs, ok, final, size_base, s)
+    out["recommended"], out["retention"], runs_info = recommend(runs, ok, final, size_base, s.max_lexam_drop,
+                                                                s.describe())
     out["runs"] = {r.name: {"method": r.method, "rank": r.rank, "lr": r.lr, "final_loss": final[r.name],
                             "first_loss": first_loss(r), "steps": len(r.curve), "diverged": r.name in diverged,
-                            "status": r.status, **runs_info.get(r.name, {})} for r in runs}
+                            "divergence": reasons[r.name], "status": r.status, **runs_info.get(r.name, {})}
+                   for r in runs}
     out["throughput"] = _throughput(runs)
     return out
-
-
-def _recommend(runs, ok, final, size_base, s: Settings):
-    task_key = _pick_key(runs, SJP_KEYS)
-    metric = _task_metric(runs, task_key)
-    lexam_key = _pick_key(runs, LEXAM_KEYS, size_base)
-    base_acc = _base_acc(size_base, runs, lexam_key) if lexam_key else None
-    info: dict[str, dict] = {}
-    for r in runs:
-        d: dict[str, Any] = {}
-        if task_key and metric in r.evals.get(task_key, {}):
-            d["task_metric"] = r.evals[task_key][metric]
-        if lexam_key and "accuracy" in r.evals.get(lexam_key, {}):
-            d["lexam_accuracy"] = r.evals[lexam_key]["accuracy"]
-            own_base = r.base_evals.get(lexam_key, {}).get("accuracy", base_acc)
-            if own_base is not None:
-                d["lexam_drop_points"] = 100 * (own_base - d["lexam_accuracy"])
-        info[r.name] = d
-    retention = {"task_key": task_key, "task_metric": metric, "lexam_key": lexam_key, "lexam_base_accuracy": base_acc,
-                 "max_drop_points": s.max_lexam_drop}
-
-    def pick(cands, keyf):
-        return min(cands, key=keyf) if cands else None
-
-    def rec(r: Run | None, why: str, criterion: str) -> dict:
-        if r is None:
-            return {"run": None, "why": why, "criterion": criterion}
-        return {"run": r.name, "why": why, "criterion": criterion, "method": r.method, "rank": r.rank, "lr": r.lr,
-                "final_loss": final[r.name], **info[r.name]}
-
-    scored = [r for r in ok if "task_metric" in info[r.name]]
-    if not ok:
-        return rec(None, "every run diverged", "none"), retention, info
-    if not scored:
-        r = pick(ok, lambda r: (final[r.name], r.name))
-        return rec(r, f"no task evaluations: lowest final loss ({s.describe()}) = {final[r.name]:.4f}",
-                   "lowest_loss"), retention, info
-    task_desc = f"SJP {metric} ({task_key})"
-    best_task = lambda r: (-info[r.name]["task_metric"], final[r.name], r.name)  # noqa: E731
-    with_drop = [r for r in scored if "lexam_drop_points" in info[r.name]]
-    if not with_drop:
-        r = pick(scored, best_task)
-        return rec(r, f"highest {task_desc} = {info[r.name]['task_metric']:.4f}; no LEXam scores with a base-model "
-                   "score, so retention was not checked", "task_metric_unchecked"), retention, info
-    eligible = [r for r in with_drop if info[r.name]["lexam_drop_points"] <= s.max_lexam_drop + 1e-9]
-    if eligible:
-        r = pick(eligible, best_task)
-        return rec(r, f"highest {task_desc} = {info[r.name]['task_metric']:.4f} among {len(eligible)} runs whose "
-                   f"LEXam accuracy ({lexam_key}) is at most {s.max_lexam_drop:g} points below the base model "
-                   f"({100 * base_acc:.1f}%); this run: {_drop_words(info[r.name]['lexam_drop_points'])}",
-                   "task_metric_within_lexam_drop"), retention, info
-    r = pick(with_drop, lambda r: (info[r.name]["lexam_drop_points"], best_task(r)))
-    return rec(r, f"no run kept LEXam ({lexam_key}) within {s.max_lexam_drop:g} points of the base model; this run "
-               f"has the smallest drop ({info[r.name]['lexam_drop_points']:.1f} points)",
-               "smallest_lexam_drop"), retention, info
-
-
-def _drop_words(points: float) -> str:
-    return f"{points:.1f} points lower" if points >= 0.05 else (
-        f"{-points:.1f} points higher" if points <= -0.05 else "unchanged")
 
 
 def _throughput(runs: list[Run]) -> dict[str, Any]:
@@ -287,12 +224,65 @@ def _throughput(runs: list[Run]) -> dict[str, Any]:
     return {"runs": rows, "scaling": scaling}
 
 
+SPLITS = {
+    "final_loss, best_lr, loss_gap, rank_saturation": "training loss (the training split, as logged)",
+    "task_metric_validation": "SJP validation years (2015-2016): the selection score",
+    "task_metric_test": "SJP test years (2017-2020): reported once, for the selected run",
+    "lexam_accuracy, lexam_drop_points": "LEXam test split (a retention constraint, not a selection score)",
+}
+
+
+def comparison_groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Comparable runs by group label. LoRA runs group on (source, shared identity, LoRA keys other than r); a full
+    fine-tune joins every LoRA group of its shared identity (or forms one when there is none)."""
+    shared: dict[tuple, dict[str | None, list[Run]]] = {}
+    for r in runs:
+        key = r.group[:2] if r.group else (r.source, r.size)
+        shared.setdefault(key, {}).setdefault(r.group[2] if len(r.group) > 2 else None, []).append(r)
+    found: list[tuple[list[Run], dict]] = []
+    for by_lora in shared.values():
+        fulls = by_lora.pop(None, [])
+        for members in (by_lora.values() if by_lora else [[]]):
+            group = members + fulls
+            first = next((r for r in group if r.method == "lora"), group[0])
+            found.append((group, dict(first.identity or {})))
+    labels = [_label(g[0]) for g, _ in found]
+    out: dict[str, list[Run]] = {}
+    for label in sorted(set(labels), key=lambda x: (size_sort_key(x.split("-")[0]), x)):
+        idx = [i for i, lb in enumerate(labels) if lb == label]
+        diffs = differences([found[i][1] for i in idx]) if len(idx) > 1 else [{}]
+        for i, diff in zip(idx, diffs):
+            name = label if len(idx) == 1 else f"{label} [" + ", ".join(f"{k}={v}" for k, v in diff.items()) + "]"
+            out[name] = sorted(found[i][0], key=lambda r: r.name)
+    return out
+
+
+def _label(r: Run) -> str:
+    return (r.size or "unknown") + ("-random" if r.random_weights else "")
+
+
 def compute(runset: RunSet, settings: Settings | None = None) -> dict[str, Any]:
+    """findings.json: {groups: {label: findings}, diverged: [run ids], not_completed: {run: status}, ...}.
+
+    Only `completed` runs enter a group's findings; diverged ones (any status) are listed and never ranked."""
     s = settings or Settings()
-    out = {}
-    for size in sorted({r.size or "unknown" for r in runset.runs}, key=size_sort_key):
-        runs = [r for r in runset.runs if (r.size or "unknown") == size]
-        out[size] = size_findings(runs, runset.base_evals.get(size, {}), s)
+    diverged = sorted(r.name for r in runset.runs if is_diverged(r, s))
+    completed = [r for r in runset.runs if r.status == "completed"]
+    groups = comparison_groups(completed)
+    out = {
+        "groups": {label: group_findings(runs, runset.base_evals.get(runs[0].size or "unknown", {}), s)
+                   for label, runs in groups.items()},
+        "diverged": diverged,
+        "not_completed": {r.name: r.status or "unknown" for r in runset.runs if r.status != "completed"},
+        "splits": SPLITS,
+        "grouping": ("runs are compared only within a group: same training identity (config without output, "
+                     "evaluation, launch and speed keys; global batch = batch x accumulation x processes) except "
+                     "the sweep axes train.lr, lora.r, method and the seed; full fine-tunes join the LoRA groups "
+                     "they share the rest with"),
+    }
+    if any(" [" in label for label in groups):
+        out["mixed"] = ("the inputs hold runs that differ in more than the sweep axes and the seed: each group is "
+                        "reported on its own; the bracket names the keys that differ")
     return out
 
 

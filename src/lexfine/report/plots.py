@@ -78,7 +78,7 @@ def _line(ax, pts: dict[float, float], color, label, full: bool) -> None:
 
 
 def loss_vs_lr(runs, pal, s: Settings, path: Path) -> Path | str:
-    ok = [r for r in runs if not is_diverged(r, s.smooth_last)]
+    ok = [r for r in runs if not is_diverged(r, s)]
     if not ok:
         return "no run with a finite final loss"
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -144,7 +144,7 @@ def _curve(ax, run: Run, color, s: Settings, ls="-", label=None) -> None:
     ax.plot(c["step"], c["loss"], color=color, alpha=0.2, lw=0.6)
     ax.plot(c["step"], c["loss"].rolling(s.smooth_last, min_periods=1).mean(), color=color, lw=1.3, ls=ls,
             label=label)
-    if any(not math.isfinite(x) for x in c["loss"]):
+    if is_diverged(run, s):
         ax.text(0.98, 0.95, "diverged", color="red", ha="right", va="top", transform=ax.transAxes, fontsize=8)
 
 
@@ -331,20 +331,29 @@ def make_figures(runset: RunSet, findings: dict, out: Path, s: Settings) -> tupl
         else:
             skipped.append({"figure": name, "reason": result})
 
-    for size in runset.sizes():
-        runs = [r for r in runset.runs if (r.size or "unknown") == size]
-        f = findings.get(size, {})
-        base = runset.base_evals.get(size, {})
+    for label, f in findings["groups"].items():
+        size = label
+        runs = [r for r in runset.runs if r.name in f["runs"]]
+        ret = dict(f.get("retention", {}))
+        # figures: the selection split first, else the test split, else any SJP evaluation (e.g. split `all`)
+        ret["task_key"] = ret.get("selection_key") or ret.get("report_key") or next(
+            (k for k in sorted({k for r in runs for k in r.evals}) if k.startswith("sjp-")), None)
+        if ret["task_key"] and not ret.get("task_metric"):
+            ret["task_metric"] = "macro_f1" if any("macro_f1" in r.evals.get(ret["task_key"], {}) for r in runs) \
+                else "accuracy"
+        base = dict(runset.base_evals.get(runs[0].size or "unknown", {})) if runs else {}
+        if ret.get("lexam_key") and ret.get("lexam_base_accuracy") is not None:
+            base[ret["lexam_key"]] = {"accuracy": ret["lexam_base_accuracy"]}  # the base on the same questions
         tag = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in size)
         add(f"{tag}_loss_vs_lr", f"{size}: final loss vs learning rate", size,
             loss_vs_lr(runs, pal, s, out / f"{tag}_loss_vs_lr.png"))
         add(f"{tag}_curves", f"{size}: learning curves", size, curves(runs, pal, s, out / f"{tag}_curves.png"))
         add(f"{tag}_task_vs_rank", f"{size}: SJP task metric vs rank", size,
-            task_vs_rank(runs, pal, f.get("retention", {}).get("task_key"), out / f"{tag}_task_vs_rank.png"))
+            task_vs_rank(runs, pal, ret["task_key"], out / f"{tag}_task_vs_rank.png"))
         add(f"{tag}_lexam_vs_lr", f"{size}: LEXam accuracy vs learning rate", size,
             lexam_vs_lr(runs, pal, base, out / f"{tag}_lexam_vs_lr.png"))
         add(f"{tag}_tradeoff", f"{size}: task skill vs knowledge retention", size,
-            tradeoff(runs, pal, f.get("retention", {}), base, out / f"{tag}_tradeoff.png"))
+            tradeoff(runs, pal, ret, base, out / f"{tag}_tradeoff.png"))
         from lexfine.report.eval_curves import eval_during_curves
 
         add(f"{tag}_eval_during", f"{size}: task metric and LEXam accuracy during training", size,

@@ -15,7 +15,7 @@ from typing import Any
 
 from lexfine.errors import LexfineError
 from lexfine.report.collect import RunSet, collect
-from lexfine.report.findings import Settings, compute, smoothed_final_loss, to_json
+from lexfine.report.findings import Settings, compute, is_diverged, smoothed_final_loss, to_json
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -42,8 +42,9 @@ def _edge_note(edge: str | None) -> str:
 def _findings_rows(f: dict) -> list[list[str]]:
     best, edges = f["best_lr"], f["best_lr_at_grid_edge"]
     lora = best["lora"]
-    rows = [["Runs", f"{f['n_runs']} ({len(f['diverged'])} diverged, {len(f['incomplete'])} not completed)"],
+    rows = [["Completed runs", f"{f['n_runs']} ({len(f['diverged'])} diverged)"],
             ["Final loss (smoothing)", f["smoothing"]],
+            ["Divergence rule", f["divergence_rule"]],
             ["Best LR, full FT", _lr(best["full"]) + _edge_note(edges["full"])]]
     if lora:
         values = sorted({v for v in lora.values() if v is not None})
@@ -74,14 +75,14 @@ def _findings_rows(f: dict) -> list[list[str]]:
         rows.append(["Rank saturation", f"r{sat['rank']}: smallest rank within {100 * sat['tolerance']:g}% of the "
                      f"best LoRA loss; ranks >= {sat['rank']} spread {100 * sat['spread_at_or_above']:.2f}%"
                      + ("" if sat["all_at_or_above_within_tolerance"] else " (some higher ranks fall outside)")])
-    rows.append(["Diverged runs", ", ".join(f["diverged"]) or "none"])
+    rows.append(["Diverged runs", ", ".join(f"{n} ({f['runs'][n]['divergence']})" for n in f["diverged"]) or "none"])
     rec = f["recommended"]
     rows.append(["Recommended", f"**{rec['run']}**: {rec['why']}" if rec["run"] else rec["why"]])
     return rows
 
 
-def _loss_grid(runset: RunSet, size: str, s: Settings) -> tuple[list[str], list[list[str]]] | None:
-    runs = [r for r in runset.runs if (r.size or "unknown") == size and r.lr is not None]
+def _loss_grid(runset: RunSet, names: set[str], s: Settings) -> tuple[list[str], list[list[str]]] | None:
+    runs = [r for r in runset.runs if r.name in names and r.lr is not None and not is_diverged(r, s)]
     lrs = sorted({r.lr for r in runs})
     lines = sorted({(r.method, r.rank) for r in runs}, key=lambda k: (k[0] == "full", k[1] or 0))
     if not lrs or not lines:
@@ -104,16 +105,18 @@ def _loss_grid(runset: RunSet, size: str, s: Settings) -> tuple[list[str], list[
 def _run_rows(f: dict) -> tuple[list[str], list[list[str]]]:
     ret = f.get("retention") or {}
     head = ["run", "method", "rank", "lr", "final loss", "diverged"]
-    if ret.get("task_key"):
-        head.append(f"SJP {ret['task_metric']}")
+    splits = [(k, f"SJP {ret['task_metric']} ({sp})") for k, sp in (("task_metric_validation", "validation"),
+                                                                     ("task_metric_test", "test"))
+              if ret.get("selection_key" if sp == "validation" else "report_key")]
+    head += [h for _k, h in splits]
     if ret.get("lexam_key"):
         head += ["LEXam acc", "LEXam drop (pts)"]
     rows = []
     for name, r in sorted(f["runs"].items(), key=lambda kv: (kv[1]["method"], kv[1]["rank"] or 0,
                                                              kv[1]["lr"] or 0, kv[0])):
-        row = [name, r["method"], _num(r["rank"]), _lr(r["lr"]), _num(r["final_loss"]), "yes" if r["diverged"] else ""]
-        if ret.get("task_key"):
-            row.append(_num(r.get("task_metric")))
+        row = [name, r["method"], _num(r["rank"]), _lr(r["lr"]), _num(r["final_loss"]),
+               r["divergence"] or "" if r["diverged"] else ""]
+        row += [_num(r.get(k)) for k, _h in splits]
         if ret.get("lexam_key"):
             row += [_num(r.get("lexam_accuracy")), _num(r.get("lexam_drop_points"), 3)]
         rows.append(row)
@@ -122,21 +125,30 @@ def _run_rows(f: dict) -> tuple[list[str], list[list[str]]]:
 
 def build_blocks(runset: RunSet, findings: dict, figures: list[dict], skipped: list[dict], s: Settings) -> list:
     b: list = [("h", 1, "lexfine report")]
-    b.append(("p", f"Inputs: {', '.join('`' + i + '`' for i in runset.inputs)}. {len(runset.runs)} runs, model sizes: "
-                   f"{', '.join(findings)}. Final loss everywhere: {s.describe()}; replicates of one configuration "
-                   "are averaged. Every number below is computed by `lexfine report` from these inputs; "
-                   "definitions in docs/report.md."))
-    for size, f in findings.items():
-        b.append(("h", 2, f"Model size {size}"))
+    groups = findings["groups"]
+    b.append(("p", f"Inputs: {', '.join('`' + i + '`' for i in runset.inputs)}. {len(runset.runs)} runs in "
+                   f"{len(groups)} comparison group(s): {', '.join('`' + g + '`' for g in groups)}. Only completed "
+                   "runs that share everything but the LR, rank, method and seed are compared; replicates (other "
+                   f"seeds) are averaged. Final loss everywhere: {s.describe()}. Every number below is computed by "
+                   "`lexfine report` from these inputs; definitions in docs/report.md."))
+    if findings.get("mixed"):
+        b.append(("p", f"**Mixed inputs**: {findings['mixed']}."))
+    if findings["not_completed"]:
+        b.append(("p", "Not compared (status not completed): " + ", ".join(
+            f"{n} ({st})" for n, st in sorted(findings["not_completed"].items())) + "."))
+    for size, f in groups.items():
+        b.append(("h", 2, f"Group {size}"))
         b.append(("table", ["Finding", "Value"], _findings_rows(f)))
-        grid = _loss_grid(runset, size, s)
+        grid = _loss_grid(runset, set(f["runs"]), s)
         if grid:
             b.append(("h", 3, "Final training loss by configuration (bold: best LR of the row)"))
             b.append(("table", *grid))
         ret = f.get("retention") or {}
-        if ret.get("lexam_key") or ret.get("task_key"):
+        if ret.get("lexam_key") or ret.get("selection_key") or ret.get("report_key"):
             base = ret.get("lexam_base_accuracy")
-            b.append(("p", f"Task metric: {ret.get('task_key') or 'none'} {ret.get('task_metric') or ''}; "
+            b.append(("p", f"Task metric: {ret.get('task_metric') or 'none'}; selection on "
+                           f"{ret.get('selection_key') or 'no validation evaluation'}, reported on "
+                           f"{ret.get('report_key') or 'no test evaluation'}; "
                            f"retention: {ret.get('lexam_key') or 'none'} (base model: {_num(base)}), allowed drop "
                            f"{ret['max_drop_points']:g} points."))
         b.append(("h", 3, "Runs"))

@@ -35,6 +35,12 @@ class Run:
     num_nodes: int | None = None
     gpu: str | None = None
     strategy: str | None = None
+    group: tuple = ()  # comparison group (report/identity.py): (source, shared-identity hash, LoRA-keys hash|None)
+    identity: dict | None = None  # the shared training identity (lexfine runs), to name what differs between groups
+    random_weights: bool = False  # a random-weight model (random:<arch>) is never compared with trained weights
+    nonfinite_steps: int = 0  # logged steps with a non-finite loss or grad norm (null + `nonfinite` flag)
+    eval_settings: dict[str, dict] = field(default_factory=dict)  # "<key>" -> {data, split, limit} of the eval
+    base_settings: dict[str, dict] = field(default_factory=dict)  # the same for base_evals (when recorded)
 
     @property
     def config_key(self) -> tuple:
@@ -83,7 +89,9 @@ def size_from_params(total: Any) -> str | None:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             v = n / scale
-            return f"{round(v)}{unit}" if v >= 10 else f"{v:.1f}".rstrip("0").rstrip(".") + unit
+            if v >= 10 or abs(v - round(v)) <= 0.05 * v:  # a label: 8.05e9 parameters (Apertus-8B) is "8B"
+                return f"{round(v)}{unit}"
+            return f"{v:.1f}".rstrip("0").rstrip(".") + unit
     return f"{int(n)}"
 
 

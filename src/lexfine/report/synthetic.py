@@ -42,20 +42,29 @@ def write_run(
     seconds_per_step: float = 1.0,
     parameters_total: int | None = None,
     seed: int = 42,
+    overrides: dict | None = None,
+    metrics_rows: list[dict] | None = None,
 ) -> Path:
-    """Write one run directory under `root` and return its path. `evals`: {"sjp-loglik": {"accuracy": ..}}."""
-    cfg = RunConfig.model_validate({
+    """Write one run directory under `root` and return its path. `evals`: {"sjp-loglik": {"accuracy": ..}} (a
+    "settings" mapping in a summary is written to summary.json too). `overrides`: {"data.loss_on": "all", ...}.
+    `metrics_rows`: extra keys per logged step (e.g. {"nonfinite": ["loss"]}), merged into the rows."""
+    from lexfine.config import set_dotted
+
+    tree = {
         "name": name, "model": model, "method": method, "lora": {"r": rank}, "output_dir": str(root),
         "train": {"lr": lr, "seed": seed, "max_steps": len(losses) or 1},  # 0 steps is not a valid config
         "launch": {"num_processes": world_size, "num_machines": num_nodes},
-    })
+    }
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key.split("."), value)
+    cfg = RunConfig.model_validate(tree)
     rd = RunDir(cfg.run_dir())
     rd.create(cfg.to_yaml(), cfg.run_id())
     rows = []
     for i, loss in enumerate(losses, start=1):
         rows.append({"step": i, "epoch": i / len(losses), "loss": loss, "learning_rate": lr, "grad_norm": 1.0,
                      "num_tokens": i * tokens_per_step, "tokens_per_s": tokens_per_step / seconds_per_step,
-                     "elapsed_s": i * seconds_per_step})
+                     "elapsed_s": i * seconds_per_step, **((metrics_rows or [])[i - 1:i] or [{}])[0]})
     write_jsonl(rd.metrics_path, rows)  # non-finite losses become null, as rundir writes them
     hardware = {"world_size": world_size, "num_nodes": num_nodes}
     if gpu:

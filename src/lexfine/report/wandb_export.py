@@ -250,4 +250,6 @@ def _load_run(name: str, entry: dict, evals: _Evals, states: dict[str, str]) -> 
         tokens_per_s=throughput_from_curve(curve),
         num_nodes=int(m.group("nodes")) if m.group("nodes") else None,
         strategy=m.group("strategy"),
+        # the study's runs share one training identity apart from lr, rank and method (and launch)
+        group=("wandb", size_from_name(m.group("size")), "study" if method == "lora" else None),
     )

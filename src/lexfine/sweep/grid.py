@@ -5,7 +5,10 @@
     output_dir: sweeps              # parent of the sweep folder (default: sweeps)
     base_config: ../exp/x.yaml      # a config file, relative to this file ... or `base:` an inline config
     overrides: [train.max_steps=2]  # dotted overrides applied to the base (list of k=v or a mapping)
-    eval: [sjp, lexam_mcq4]         # evaluations after each training (default: the base config's)
+    eval: [sjp, lexam_mcq4]         # evaluations after each training (default: the base config's);
+                                    # sjp@validation / sjp@test: SJP on one year split (select / report)
+    global_batch: 128               # (optional) grad_accum derived per run so batch x accum x processes = 128
+                                    # on any GPU count (sweep/batch.py); a count that does not divide it fails
     grid:                           # Cartesian product over dotted keys -> lists of values
       train.lr: [1.0e-4, 1.0e-3]
     variants:                       # tied groups: keys that vary together. One entry = one group of runs;
@@ -36,8 +39,8 @@ from lexfine.config import RunConfig, load_yaml, parse_override, read_utf8, set_
 from lexfine.errors import ConfigError
 from lexfine.sweep.names import fmt_value, run_name
 
-TOP_KEYS = ("name", "description", "output_dir", "base", "base_config", "overrides", "eval", "grid", "variants",
-            "tied")
+TOP_KEYS = ("name", "description", "output_dir", "base", "base_config", "overrides", "eval", "global_batch", "grid",
+            "variants", "tied")
 # Set once per sweep, not per run: grid/variants must not touch them.
 RESERVED = {"name": "the sweep's `name:`", "output_dir": "the sweep's `output_dir:`", "eval": "the sweep's `eval:`"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -78,6 +81,8 @@ class Sweep:
     """Expanded combinations dropped because another run has the same run id."""
     keys: list[str] = field(default_factory=list)
     """Every key the sweep varies."""
+    global_batch: int | None = None
+    """Sequences per optimizer step for every run, whatever the GPU count (sweep/batch.py)."""
 
     @property
     def sweep_dir(self) -> Path:
@@ -341,9 +346,15 @@ def expand(data: dict, base_dir: Path | None = None, default_name: str = "sweep"
     if evals is not None and not (isinstance(evals, list) and all(isinstance(t, str) for t in evals)):
         raise ConfigError(f"eval must be a list of task names (e.g. [sjp, lexam_mcq4]), not {evals!r}")
 
+    from lexfine.sweep.batch import check_global_batch, fit
+
+    global_batch = check_global_batch(data.get("global_batch"))
     base = _base_tree(data, base_dir)
     base_method = base.get("method", "lora")
     axes, keys = _axes(data, base_method)
+    if global_batch and ("train.grad_accum" in keys or "train.grad_accum" in str(data.get("overrides") or "")):
+        raise ConfigError("give global_batch or train.grad_accum, not both: with global_batch the accumulation "
+                          "follows train.batch_size and the GPU count")
     sweep_dir = output_dir / name
 
     runs: list[PlannedRun] = []
@@ -365,7 +376,7 @@ def expand(data: dict, base_dir: Path | None = None, default_name: str = "sweep"
         try:
             cfg = validate(tree)
             tree["name"] = run_name(name, cfg, assignment)
-            cfg = validate(tree)
+            cfg = fit(validate(tree), global_batch)
         except ConfigError as e:
             desc = " ".join(f"{k}={fmt_value(v)}" for k, v in assignment.items())
             raise ConfigError(f"combination {n} ({desc}): {e}") from None
@@ -376,4 +387,5 @@ def expand(data: dict, base_dir: Path | None = None, default_name: str = "sweep"
         seen.add(rid)
         runs.append(PlannedRun(len(runs) + 1, tree["name"], rid, cfg, assignment))
     ev = list(evals) if evals is not None else (list(runs[0].config.eval) if runs else [])
-    return Sweep(name=name, output_dir=output_dir, runs=runs, eval=ev, merged=merged, keys=keys)
+    return Sweep(name=name, output_dir=output_dir, runs=runs, eval=ev, merged=merged, keys=keys,
+                 global_batch=global_batch)

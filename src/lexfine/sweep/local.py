@@ -128,7 +128,9 @@ def eval_args(cfg: RunConfig, entry: str) -> list[str]:
     as `lexfine train` would have right after training."""
     task, mode = split_entry(cfg, entry)
     opts = cfg.eval_options
-    data, split = (opts.sjp_data, opts.sjp_split) if task == "sjp" else (opts.lexam_data, None)
+    # sjp@validation names its split (the eval command reads it from the task)
+    data, split = (opts.sjp_data, None if "@" in task else opts.sjp_split) if task.startswith("sjp") \
+        else (opts.lexam_data, None)
     args = ["--task", task, "--mode", mode]
     if opts.batch_size:  # else the device's default
         args += ["--batch-size", str(opts.batch_size)]
@@ -153,8 +155,10 @@ def split_entry(cfg: RunConfig, entry: str) -> tuple[str, str]:
 
 
 def has_eval(rd: RunDir, cfg: RunConfig, entry: str) -> bool:
+    from lexfine.eval.tasks import eval_key
+
     task, mode = split_entry(cfg, entry)
-    return f"{task}-{mode}" in (rd.manifest().get("evals") or {})
+    return eval_key(task, mode) in (rd.manifest().get("evals") or {})
 
 
 def missing_evals(run: PlannedRun, tasks: list[str] | None = None) -> list[str]:

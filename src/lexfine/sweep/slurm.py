@@ -52,6 +52,8 @@ PROFILE_COPY = "profile.yaml"  # <sweep_dir>/slurm/profile.yaml: the profile of 
 
 
 def for_profile(sweep: Sweep, profile: SlurmProfile) -> Sweep:
+    from lexfine.sweep.batch import fit
+
     """The sweep as the profile's jobs train it: every run gets the job's launch (nodes, processes) and its run id
     is computed from that launch, because the global batch (batch x accumulation x processes) is part of the run
     id. Indices stay those of the sweep file (--only selections keep pointing at the same runs)."""
@@ -60,8 +62,10 @@ def for_profile(sweep: Sweep, profile: SlurmProfile) -> Sweep:
     merged = 0
     for run in sweep.runs:
         nodes, per_node = resources(profile, run)
-        launch = run.config.launch.model_copy(update={"num_machines": nodes, "num_processes": nodes * per_node})
-        cfg = run.config.model_copy(update={"launch": launch})
+        try:  # the launch of the job; with a sweep's global_batch, grad_accum follows the processes (sweep/batch.py)
+            cfg = fit(run.config, sweep.global_batch, nodes * per_node, nodes)
+        except ConfigError as e:
+            raise ConfigError(f"run {run.name}: {e}") from None
         rid = cfg.run_id()
         if rid in seen:
             merged += 1
@@ -283,7 +287,7 @@ def submit(sweep: Sweep, profile: SlurmProfile, *, dry_run: bool = False, force:
     evaluations and runs whose job is still queued are skipped unless `force`. Returns one record per run."""
     if not dry_run and not shutil.which("sbatch"):
         raise LexfineError("sbatch not found: run `lexfine sweep submit` on a SLURM login node (or use --dry-run)")
-    sweep = for_profile(sweep, profile)  # run ids from the launch the jobs will use
+    sweep = for_profile(sweep, profile)  # run ids from the launch (and global batch) the jobs will use
     if only is not None:
         chosen = {r.index for r in only}
         only = [r for r in sweep.runs if r.index in chosen]

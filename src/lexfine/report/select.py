@@ -1,0 +1,139 @@
+"""The recommendation: selected on the SJP validation years, reported once on the test years.
+
+Eval keys name their split: `sjp-validation-<mode>` / `sjp-test-<mode>` (eval entries `sjp@validation`,
+`sjp@test`); a plain `sjp-<mode>` takes the split its summary.json records (`settings.split`); the reference
+study's exports (source wandb) scored the test years. LEXam has one split (test): it is a retention constraint,
+not a selection score. A LEXam drop is computed only against a base-model score of the same task and mode on
+the same data, split and limit (`settings` of both summaries), else no drop is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lexfine.report.runs import Run
+
+MODES = ("loglik", "generate")
+LEXAM_KEYS = tuple(f"lexam_mcq{n}-{m}" for n in (4, 8, 16, 32) for m in MODES)
+
+
+def sjp_split(run: Run, key: str) -> str | None:
+    parts = key.split("-")
+    if parts[0] != "sjp":
+        return None
+    if len(parts) == 3:
+        return parts[1]
+    split = (run.eval_settings.get(key) or {}).get("split")
+    if split is None and run.source == "wandb":
+        return "test"
+    return split
+
+
+def _sjp_key(runs: list[Run], split: str, mode: str) -> str | None:
+    """The eval key holding `split` scores in `mode` for most runs (split-named keys first)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        for key in r.evals:
+            if key.split("-")[0] == "sjp" and key.endswith(f"-{mode}") and sjp_split(r, key) == split:
+                counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda k: (counts[k], len(k.split("-")) == 3, k))
+
+
+def _metric(runs: list[Run], key: str | None) -> str | None:
+    if key is None:
+        return None
+    return "macro_f1" if any("macro_f1" in r.evals.get(key, {}) for r in runs) else "accuracy"
+
+
+def base_lexam(run: Run, key: str, group_runs: list[Run], size_base: dict) -> float | None:
+    """The base model's accuracy on the same task, mode, data, split and limit as this run's evaluation."""
+    want = run.eval_settings.get(key)
+    candidates = [(run.base_evals.get(key), run.base_settings.get(key))]
+    candidates += [(o.base_evals.get(key), o.base_settings.get(key)) for o in group_runs if o is not run]
+    candidates.append((size_base.get(key), None))  # W&B base exports record no settings, nor do their runs
+    for metrics, settings in candidates:
+        if metrics and metrics.get("accuracy") is not None and settings == want:
+            return metrics["accuracy"]
+    return None
+
+
+def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base: dict, max_drop: float,
+              describe: str) -> tuple[dict, dict, dict[str, dict]]:
+    mode = next((m for m in MODES if _sjp_key(runs, "validation", m) or _sjp_key(runs, "test", m)), None)
+    sel_key = _sjp_key(runs, "validation", mode) if mode else None
+    test_key = _sjp_key(runs, "test", mode) if mode else None
+    metric = _metric(runs, sel_key or test_key)
+    lexam_key = next((k for k in LEXAM_KEYS if any("accuracy" in r.evals.get(k, {}) for r in runs)), None)
+    info: dict[str, dict] = {}
+    bases = []
+    for r in runs:
+        d: dict[str, Any] = {}
+        for key, name in ((sel_key, "task_metric_validation"), (test_key, "task_metric_test")):
+            if key and metric in r.evals.get(key, {}):
+                d[name] = r.evals[key][metric]
+        if lexam_key and "accuracy" in r.evals.get(lexam_key, {}):
+            d["lexam_accuracy"] = r.evals[lexam_key]["accuracy"]
+            base = base_lexam(r, lexam_key, runs, size_base)
+            if base is not None:
+                d["lexam_base_accuracy"] = base
+                d["lexam_drop_points"] = 100 * (base - d["lexam_accuracy"])
+                bases.append(base)
+        info[r.name] = d
+    retention = {"selection_key": sel_key, "selection_split": "validation" if sel_key else None,
+                 "report_key": test_key, "report_split": "test" if test_key else None, "task_metric": metric,
+                 "lexam_key": lexam_key, "lexam_split": "test" if lexam_key else None,
+                 "lexam_base_accuracy": bases[0] if bases and len(set(bases)) == 1 else None,
+                 "max_drop_points": max_drop}
+
+    def rec(r: Run | None, why: str, criterion: str, split: str | None) -> dict:
+        if r is None:
+            return {"run": None, "why": why, "criterion": criterion, "selection_split": split}
+        return {"run": r.name, "why": why, "criterion": criterion, "selection_split": split, "method": r.method,
+                "rank": r.rank, "lr": r.lr, "final_loss": final[r.name], **info[r.name]}
+
+    def within(cands: list[Run]) -> tuple[list[Run], str]:
+        """Runs whose LEXam drop is allowed; the words that say how retention was checked."""
+        with_drop = [r for r in cands if "lexam_drop_points" in info[r.name]]
+        if not with_drop:
+            what = "no LEXam evaluation" if lexam_key is None else "no LEXam score with a matching base-model score"
+            return cands, f"; {what}, so retention was not checked"
+        kept = [r for r in with_drop if info[r.name]["lexam_drop_points"] <= max_drop + 1e-9]
+        if kept:
+            return kept, (f" among {len(kept)} runs whose LEXam accuracy ({lexam_key}) is at most {max_drop:g} points "
+                          "below the base model's on the same questions")
+        least = min(info[r.name]["lexam_drop_points"] for r in with_drop)
+        return ([r for r in with_drop if info[r.name]["lexam_drop_points"] <= least + 1e-9],
+                f"; no run kept LEXam ({lexam_key}) within {max_drop:g} points: runs with the smallest drop "
+                f"({least:.1f} points)")
+
+    def best(cands: list[Run], name: str) -> Run:
+        return min(cands, key=lambda r: (-info[r.name][name], final[r.name], r.name))
+
+    extra: dict[str, Any] = {}
+    if not ok:
+        return rec(None, "every run diverged or none completed", "none", None), retention, info
+    selectable = [r for r in ok if "task_metric_validation" in info[r.name]]
+    if selectable:
+        cands, how = within(selectable)
+        r = best(cands, "task_metric_validation")
+        test = info[r.name].get("task_metric_test")
+        why = (f"highest validation SJP {metric} ({sel_key}) = {info[r.name]['task_metric_validation']:.4f}{how}; "
+               + (f"its test SJP {metric} ({test_key}), reported once: {test:.4f}" if test is not None
+                  else "no test-split evaluation of it"))
+        return rec(r, why, "validation_task_metric", "validation"), retention, info
+    tested = [r for r in ok if "task_metric_test" in info[r.name]]
+    if tested:
+        cands, how = within(tested)
+        r = best(cands, "task_metric_test")
+        extra = {"run": r.name, "split": "test", "task_metric_test": info[r.name]["task_metric_test"],
+                 "note": "highest test score" + how + "; not a selection (chosen on test, so optimistic)"}
+        out = rec(None, f"no SJP evaluation on the validation years (eval: [sjp@validation, sjp@test]): no run is "
+                  f"selected; choosing on the test score ({test_key}) would report it optimistically. Highest test "
+                  f"score: {r.name}", "no_validation_split", None)
+        out["best_on_test"] = extra
+        return out, retention, info
+    r = min(ok, key=lambda r: (final[r.name], r.name))
+    return rec(r, f"no SJP evaluations: lowest final training loss ({describe}) = {final[r.name]:.4f}",
+               "lowest_loss", "train"), retention, info

@@ -34,6 +34,9 @@ def run(cfg: RunConfig) -> RunDir:
     if rd.status == "completed":
         log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
+    from lexfine.quantize import check_runtime
+
+    check_runtime(cfg)  # lora.quantize on a machine that cannot run it: one line, before a run directory exists
     main = is_main_process()
     if main:
         rd.create(cfg.to_yaml(), cfg.run_id())
@@ -197,7 +200,12 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool) -> bool:
     device = None
     if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes
-    model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
+    if cfg.method == "lora" and cfg.lora.quantize != "none":
+        from lexfine.quantize import load_quantized
+
+        model = load_quantized(spec, cfg, tokenizer)
+    else:
+        model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
     callbacks, speed = apply_speed_levers(cfg, model)
     if main:
         rd.update_manifest(speed=speed)

@@ -240,6 +240,17 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
 
 
 def count_parameters(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def _numel(p) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte (its quant_state keeps the
+    original shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        import math
+
+        return math.prod(shape)
+    return p.numel()

@@ -76,17 +76,17 @@ def check_runtime(cfg) -> None:
         raise ModelError(f"lora.quantize={q} needs bitsandbytes: pip install bitsandbytes "
                          "(or set lora.quantize=none)")
     device = quantize_device().split(":")[0]
-    supported = bnb_devices()
+    supported = bnb_devices(f"lora.quantize={q}")
     if device not in supported:
         raise ModelError(f"lora.quantize={q} needs a CUDA GPU: the installed bitsandbytes does not support {device!r} "
                          f"(supports: {', '.join(sorted(supported)) or 'none'}); run on a GPU or set lora.quantize=none")
 
 
-def bnb_devices() -> set[str]:
+def bnb_devices(option: str = "lora.quantize") -> set[str]:
     try:
         import bitsandbytes as bnb
     except Exception as e:  # a broken install (a CUDA library mismatch) fails here, not at find_spec
-        raise ModelError(f"lora.quantize needs a working bitsandbytes, but importing it failed: "
+        raise ModelError(f"{option} needs a working bitsandbytes, but importing it failed: "
                          f"{' '.join(str(e).split())[:200]}; reinstall it (pip install -U bitsandbytes)") from None
 
     # Older bitsandbytes had no CPU backend and no `supported_torch_devices`: CUDA only.

@@ -106,11 +106,11 @@ def test_runtime_check_without_bitsandbytes(monkeypatch):
 def test_runtime_check_refuses_a_device_bitsandbytes_does_not_support(monkeypatch):
     monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(quantize, "quantize_device", lambda: "cpu")
-    monkeypatch.setattr(quantize, "bnb_devices", lambda: {"cuda"})
+    monkeypatch.setattr(quantize, "bnb_devices", lambda option="": {"cuda"})
     with pytest.raises(ModelError, match=r"lora.quantize=int8 needs a CUDA GPU: .* does not support 'cpu' "
                                          r"\(supports: cuda\)"):
         quantize.check_runtime(build_config({}, ["lora.quantize=int8"]))
-    monkeypatch.setattr(quantize, "bnb_devices", lambda: {"cuda", "cpu"})
+    monkeypatch.setattr(quantize, "bnb_devices", lambda option="": {"cuda", "cpu"})
     quantize.check_runtime(build_config({}, ["lora.quantize=int8"]))  # a CPU backend: allowed
 
 
@@ -119,5 +119,5 @@ def test_runtime_check_reports_a_broken_bitsandbytes(monkeypatch, tmp_path):
     (tmp_path / "bitsandbytes" / "__init__.py").write_text("raise OSError('libbitsandbytes_cuda126.so: not found')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(__import__("sys").modules, "bitsandbytes", raising=False)
-    with pytest.raises(ModelError, match="importing it failed: libbitsandbytes_cuda126.so: not found; reinstall"):
+    with pytest.raises(ModelError, match="lora.quantize=nf4 needs a working bitsandbytes, but importing it failed: libbitsandbytes_cuda126.so: not found; reinstall"):
         quantize.check_runtime(build_config({}, ["lora.quantize=nf4"]))

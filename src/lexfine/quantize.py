@@ -110,3 +110,16 @@ def load_quantized(spec, cfg, tokenizer):
     # quantized model and enables input gradients under checkpointing). Checkpointing is left to the Trainer
     # (SFTConfig.gradient_checkpointing, use_reentrant=False): enabling it here too would do it twice.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def release_trainer_model(trainer) -> None:
+    """Drop the trainer's references to the quantized model and its optimizer so that evaluation can load the bf16
+    base in the memory they held."""
+    import gc
+
+    import torch
+
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

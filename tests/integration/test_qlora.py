@@ -92,9 +92,18 @@ def test_qlora_trains_and_its_adapter_loads_onto_the_bf16_base(tiny_config, tiny
 
     from lexfine import models
 
+    from lexfine.eval import evaluate
+
     cfg = validate(tiny_config(model=str(tiny_checkpoint), model_args={"dtype": "float32"},
-                               lora={"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "nf4"}))
+                               lora={"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "nf4"}, eval=["sjp"],
+                               eval_options={"limit": 4, "max_length": 256, "batch_size": 4}))
     rd = run(cfg)
+    # the evaluation after training scored the saved adapter on the unquantized base, like `lexfine eval RUN`
+    after = [json.loads(x) for x in (rd.eval_dir("sjp", "loglik") / "predictions.jsonl").read_text().splitlines()]
+    evaluate(rd.path, "sjp", limit=4, max_length=256, batch_size=4, out=rd.path / "re", use_cache=False)
+    again = [json.loads(x) for x in (rd.path / "re" / "eval" / "sjp-loglik" / "predictions.jsonl").read_text().splitlines()]
+    for a, b in zip(after, again, strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
     m = rd.manifest()
     assert m["status"] == "completed" and m["adapter_check"]["lora_B_nonzero"] > 0
     unquantized = models.count_parameters(models.load_model(str(tiny_checkpoint), cfg.model_args))

@@ -286,6 +286,14 @@ def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> Non
     from lexfine.eval import run_configured_evals
     from lexfine.train.speed import uncompile_decoder_layers
 
+    if cfg.lora.quantize != "none":
+        # The in-memory model is the 4-bit training view: score the saved adapter on the bf16 base instead, as
+        # `lexfine eval RUN` does (and the base scores it caches are keyed as the bf16 base's).
+        from lexfine.quantize import release_trainer_model
+
+        release_trainer_model(trainer)
+        run_configured_evals(rd, cfg)
+        return
     model = trainer.model
     model.eval()
     uncompile_decoder_layers(model)

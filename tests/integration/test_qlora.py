@@ -96,7 +96,8 @@ def test_qlora_trains_and_its_adapter_loads_onto_the_bf16_base(tiny_config, tiny
 
     cfg = validate(tiny_config(model=str(tiny_checkpoint), model_args={"dtype": "float32"},
                                lora={"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "nf4"}, eval=["sjp"],
-                               eval_options={"limit": 4, "max_length": 256, "batch_size": 4}))
+                               eval_options={"limit": 4, "max_length": 256, "batch_size": 4},
+                               train__gradient_checkpointing=True))  # enabled by the Trainer, not by k-bit preparation
     rd = run(cfg)
     # the evaluation after training scored the saved adapter on the unquantized base, like `lexfine eval RUN`
     after = [json.loads(x) for x in (rd.eval_dir("sjp", "loglik") / "predictions.jsonl").read_text().splitlines()]

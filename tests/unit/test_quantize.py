@@ -3,6 +3,8 @@ checks — none of it needs bitsandbytes installed or a model loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -121,3 +123,18 @@ def test_runtime_check_reports_a_broken_bitsandbytes(monkeypatch, tmp_path):
     monkeypatch.delitem(__import__("sys").modules, "bitsandbytes", raising=False)
     with pytest.raises(ModelError, match="lora.quantize=nf4 needs a working bitsandbytes, but importing it failed: libbitsandbytes_cuda126.so: not found; reinstall"):
         quantize.check_runtime(build_config({}, ["lora.quantize=nf4"]))
+
+
+def test_slurm_scripts_of_a_quantize_sweep_train_each_run_with_its_setting(tmp_path, monkeypatch):
+    from lexfine.sweep.slurm import submit
+    from tests.slurm_fakes import install
+    from tests.unit.test_slurm import make
+
+    fakes = install(tmp_path)
+    monkeypatch.setenv("PATH", fakes.env()["PATH"])
+    sw, prof, _, _ = make(tmp_path, grid={"lora.quantize": ["none", "nf4"]}, profile={"nodes": 1, "gpus_per_node": 1})
+    records = submit(sw, prof, dry_run=True, workdir=str(tmp_path), echo=lambda s: None)
+    configs = [sw.sweep_dir / "configs" / f"{r.run_id}.yaml" for r in sw.runs]
+    for rec, cfg_path, q in zip(records, configs, ["none", "nf4"], strict=True):
+        assert f"python -m lexfine.train {cfg_path} " in Path(rec["script"]).read_text()
+        assert yaml.safe_load(cfg_path.read_text())["lora"]["quantize"] == q

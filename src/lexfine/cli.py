@@ -89,8 +89,10 @@ def train(
     from lexfine.rundir import RunDir
 
     if cfg.launch.num_processes > 1 and not in_distributed_launch():
+        from lexfine.quantize import check_runtime
         from lexfine.runlock import RunLock
 
+        check_runtime(cfg)
         rd = RunDir(rd_path)
         cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines,
                             cfg.launch.strategy)

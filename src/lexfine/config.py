@@ -52,6 +52,13 @@ class LoraArgs(Section):
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """Base weights quantization (QLoRA), choices: none | nf4 | fp4 | int8. nf4/fp4 load the frozen base in 4-bit
+    (bitsandbytes; double quantization and bfloat16 compute dtype), int8 in 8-bit; the adapters train as usual and
+    save as a normal adapter that loads onto the bf16 base (export and eval use the bf16 base). Needs method=lora,
+    the bitsandbytes package and a device it supports (CUDA; a CPU too where the installed bitsandbytes supports
+    it: 0.50 does); not with launch.strategy zero3/fsdp2 nor random: models (docs/performance.md, QLoRA).
+    none: the base in model_args.dtype."""
 
 
 class DataArgs(Section):
@@ -352,10 +359,21 @@ class RunConfig(Section):
         launch.num_processes."""
         return self.train.batch_size * self.train.grad_accum * self.launch.num_processes
 
+    @model_validator(mode="after")
+    def _quantize_where_supported(self):
+        from lexfine.quantize import config_problem
+
+        problem = config_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def run_hash(self) -> str:
         exclude = dict(ID_EXCLUDE)
         if self.method == "full":
             exclude["lora"] = True  # LoRA settings do not change a full fine-tune
+        elif self.lora.quantize == "none":
+            exclude["lora"] = {"quantize"}  # runs from before the key existed keep their ids (and resume)
         payload = self.model_dump(mode="json", exclude=exclude)
         if self.launch.num_processes > 1:
             # One run id, one training: the world size changes the global batch (and the data order), so 1 GPU and

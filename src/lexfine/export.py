@@ -49,6 +49,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = True) -> Path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(weights)
+    # Never quantized, whatever lora.quantize was: a QLoRA adapter merges onto the bf16 base (model_args.dtype; auto:
+    # bf16 on a GPU), not onto dequantized 4-bit weights, which would bake the quantization error into the export.
     base = models.load_model(cfg.model, cfg.model_args, tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, weights).merge_and_unload()
     merged.save_pretrained(out)

@@ -199,9 +199,11 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     return config
 
 
-def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None, device=None):
+def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None, device=None,
+               **load_kwargs):
     """Load (or, for random:, build) the model. `device` builds random weights directly there (an 8B model
-    initialised on a CPU takes minutes); leave it None under ZeRO-3/FSDP, which place the weights themselves."""
+    initialised on a CPU takes minutes); leave it None under ZeRO-3/FSDP, which place the weights themselves.
+    `load_kwargs` go to from_pretrained (lexfine.quantize passes quantization_config and device_map)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -210,6 +212,8 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
     dtype = dtype or resolve_dtype(args)
     common = {"dtype": dtype, "attn_implementation": args.attn_implementation}
     if spec.is_random:
+        if load_kwargs:
+            raise ModelError(f"model={spec.name!r} is built from random weights: {', '.join(load_kwargs)} need a checkpoint")
         config = architecture_config(spec, args, len(tokenizer) if tokenizer is not None else None)
         state = torch.random.get_rng_state()
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -224,7 +228,7 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                spec.source, trust_remote_code=args.trust_remote_code, revision=args.revision, **common
+                spec.source, trust_remote_code=args.trust_remote_code, revision=args.revision, **common, **load_kwargs
             )
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from None
@@ -236,6 +240,17 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
 
 
 def count_parameters(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def _numel(p) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte (its quant_state keeps the
+    original shape)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        import math
+
+        return math.prod(shape)
+    return p.numel()

@@ -1,6 +1,9 @@
 """What is evaluated: a run directory (its base model + LoRA adapter, unmerged, or its full weights) or a model
 (hub id, local directory, smollm2-135m, random:<arch>), together with the prompt settings to build its prompts.
 
+A run trained with lora.quantize (QLoRA) is evaluated on its unquantized base (model_args.dtype; auto: bf16 on a
+GPU) with the adapter on top, like `lexfine export` merges it: the deployed model, not the 4-bit training view.
+
 A run is evaluated with the prompt settings it was trained with (its config.yaml: prompt template, system prompt,
 truncation, max_length), so that the evaluation prompt is token for token the training prompt.
 """

@@ -40,8 +40,11 @@ def run(cfg: RunConfig) -> RunDir:
     if rd.status == "completed":
         log.warning("run %s is already completed: %s (`lexfine train --force` trains it again)", cfg.run_id(), rd.path)
         return rd
+    from lexfine.quantize import check_runtime
     from lexfine.train.divergence import TrainingDiverged
     from lexfine.train.global_batch import check_launch
+
+    check_runtime(cfg)  # lora.quantize on a machine that cannot run it: one line, before a run directory exists
 
     if rd.status == "diverged":
         raise TrainingDiverged(f"run {cfg.run_id()} diverged before (step {rd.manifest().get('diverged_at_step')}): "
@@ -253,7 +256,12 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     if spec.is_random and torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # building 8B random weights on a CPU takes minutes
     t0 = time.perf_counter()
-    model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
+    if cfg.method == "lora" and cfg.lora.quantize != "none":
+        from lexfine.quantize import load_quantized
+
+        model = load_quantized(spec, cfg, tokenizer)
+    else:
+        model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
     timings["model_load_s"] = round(time.perf_counter() - t0, 2)
     callbacks, speed = apply_speed_levers(cfg, model)
     if main:
@@ -357,6 +365,14 @@ def _evaluate(cfg: RunConfig, rd: RunDir, trainer, tokenizer, main: bool) -> Non
     from lexfine.eval import run_configured_evals
     from lexfine.speed import uncompile_decoder_layers
 
+    if cfg.lora.quantize != "none":
+        # The in-memory model is the 4-bit training view: score the saved adapter on the bf16 base instead, as
+        # `lexfine eval RUN` does (and the base scores it caches are keyed as the bf16 base's).
+        from lexfine.quantize import release_trainer_model
+
+        release_trainer_model(trainer)
+        run_configured_evals(rd, cfg)
+        return
     model = trainer.model
     model.eval()
     uncompile_decoder_layers(model)

@@ -32,9 +32,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = True) -> Path
     if cfg.method == "lora":
         from lexfine.adapter_files import check_adapter_dir
 
-        check_adapter_dir(rd.adapter_dir)
-    elif not (rd.model_dir / "config.json").is_file():
-        raise LexfineError(f"run {rd.path.name} has no model/config.json; retrain it (`lexfine train --force`)")
+        check_adapter_dir(weights)  # the adapter exported: the run's final one, or the selected checkpoint's
+    elif not (weights / "config.json").is_file():
+        raise LexfineError(f"run {rd.path.name} has no {weights.name}/config.json; retrain it (`lexfine train --force`)")
     if cfg.method == "full":
         import shutil
 

@@ -95,5 +95,10 @@ def test_export_takes_the_selected_checkpoint(tmp_path):
         export_run(f"{rd.path}@best", tmp_path / "o", merge=False)
     (rd.path / "best").mkdir()
     (rd.path / "best" / "adapter_config.json").write_text('{"best": true}')
+    import torch
+    from safetensors.torch import save_file
+
+    # only best/ has weights: export checks the adapter it exports, not the run's final one
+    save_file({"w": torch.ones(2)}, str(rd.path / "best" / "adapter_model.safetensors"))
     out = export_run(f"{rd.path}@best", tmp_path / "o", merge=False)
     assert (out / "adapter_config.json").read_text() == '{"best": true}'

@@ -11,6 +11,7 @@ from lexfine.config import ID_EXCLUDE, build_config
 from lexfine.errors import ConfigError
 from lexfine.rundir import RunDir
 from lexfine.train.global_batch import check_launch, recorded_global_batch
+from tests.unit.test_checkpoints import make_ckpt
 
 
 def test_the_world_size_changes_the_run_id_but_not_the_node_split():
@@ -23,7 +24,7 @@ def test_the_world_size_changes_the_run_id_but_not_the_node_split():
     # the same global batch from another per-device split is another config (batch_size is hashed as before)
     assert build_config({}, ["train.batch_size=32"]).run_id() != eight.run_id()
     # single-process run ids are what they were before the global batch was hashed
-    payload = one.model_dump(mode="json", exclude=ID_EXCLUDE)
+    payload = one.model_dump(mode="json", exclude={**ID_EXCLUDE, "lora": {"quantize"}})  # (lora.quantize came later)
     old = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
     assert one.run_hash() == old
 
@@ -75,8 +76,7 @@ def test_train_refuses_the_resume_before_touching_the_run(tmp_path, monkeypatch)
     rd = RunDir(cfg.run_dir())
     rd.create(cfg.to_yaml(), cfg.run_id())
     rd.set_status("interrupted", world_size=8)  # written by older code, trained on 8 processes
-    (rd.checkpoints / "checkpoint-5").mkdir(parents=True)
-    (rd.checkpoints / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    make_ckpt(rd.checkpoints, 5)  # a complete checkpoint: resume only takes those (lexfine.checkpoints)
     before = rd.manifest_path.read_text()
     with pytest.raises(ConfigError, match="global batch 32, this launch has 4"):
         run(cfg)

@@ -20,18 +20,23 @@ from lexfine.train.launch import local_command
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_match_one_process_with_accumulation(tiny_config, tmp_path):
-    single = run(validate(tiny_config(train__grad_accum=2, train__group_by_length=False,
-                                      output_dir=str(tmp_path / "one"))))
-
-    cfg = validate(tiny_config(train__grad_accum=1, train__group_by_length=False, output_dir=str(tmp_path / "two"),
-                               launch={"strategy": "ddp", "num_processes": 2}))
+def torchrun_two_processes(cfg, tmp_path) -> None:
+    """Train `cfg` with 2 gloo processes under torchrun (the CPU stand-in for a 2-GPU launch)."""
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(local_command(path, 2, launcher="torchrun"), capture_output=True, text=True, env=env,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_two_processes_match_one_process_with_accumulation(tiny_config, tmp_path):
+    single = run(validate(tiny_config(train__grad_accum=2, train__group_by_length=False,
+                                      output_dir=str(tmp_path / "one"))))
+
+    cfg = validate(tiny_config(train__grad_accum=1, train__group_by_length=False, output_dir=str(tmp_path / "two"),
+                               launch={"strategy": "ddp", "num_processes": 2}))
+    torchrun_two_processes(cfg, tmp_path)
     double = RunDir(cfg.run_dir())
     m = double.manifest()
     assert m["status"] == "completed" and m["world_size"] == 2
@@ -54,12 +59,7 @@ def test_eval_during_with_two_processes(tiny_config, tmp_path):
     cfg = validate(tiny_config(train__group_by_length=False, output_dir=str(tmp_path / "two"),
                                eval_during={"every_steps": 2, "limit": 5},
                                launch={"strategy": "ddp", "num_processes": 2}))
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(local_command(path, 2, launcher="torchrun"), capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_two_processes(cfg, tmp_path)
     rd = RunDir(cfg.run_dir())
     rows = [r for r in rd.metrics() if "eval/lexam_mcq4/accuracy" in r]
     assert [r["step"] for r in rows] == [0, 2, 4] and rows[0]["eval/sjp/validation/n"] == 5

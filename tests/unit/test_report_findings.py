@@ -44,7 +44,7 @@ def test_optimum_inside_the_grid(tmp_path):
 
 def test_optimum_at_the_grid_edges_and_rank_dependence(tmp_path):
     _grid(tmp_path, {4: {1e-4: 0.9, 1e-3: 0.8}, 16: {1e-4: 0.7, 1e-3: 0.75}}, {1e-5: 0.8, 1e-4: 0.7})
-    f = _findings(tmp_path)
+    f = _findings(tmp_path, min_lrs_for_rank_claims=2)
     assert f["best_lr"]["lora"] == {"4": 1e-3, "16": 1e-4}
     assert f["best_lr_at_grid_edge"]["lora"] == {"4": "high", "16": "low"}
     assert f["best_lr_at_grid_edge"]["full"] == "high"
@@ -183,3 +183,44 @@ def test_findings_json_is_deterministic_with_string_rank_keys(tmp_path):
         "final_loss"] == 0.812346  # rounded to 6 significant digits
     for key in ("best_lr", "lr_ratio_lora_over_full", "loss_gap_full_vs_best_lora", "diverged", "recommended"):
         assert key in data["8B-random"]
+
+
+def test_ranks_with_too_few_lrs_make_no_rank_claims(tmp_path):
+    """A rank tried at one LR has no located optimum: it neither breaks rank independence nor sets saturation."""
+    _grid(tmp_path, {4: {1e-4: 0.9, 3e-4: 0.7, 1e-3: 0.8}, 16: {1e-4: 0.85, 3e-4: 0.69, 1e-3: 0.75},
+                     64: {1e-5: 0.5}}, {1e-5: 0.8, 3e-5: 0.6, 1e-4: 0.65})
+    f = _findings(tmp_path)
+    assert f["best_lr"]["lora"]["64"] == 1e-5  # still reported per rank, at a "single" grid point
+    assert f["best_lr_at_grid_edge"]["lora"]["64"] == "single"
+    assert f["rank_independent"] is True and f["rank_independence_ranks"] == [4, 16]
+    assert "64" in f["rank_independence_excluded"]
+    assert f["best_lr_spread"]["max_over_min"] == pytest.approx(1)
+    # r64 has the lowest loss, but at an LR the other ranks were not tried at: saturation is r64 alone
+    assert f["rank_saturation"]["ranks"] == [64] and f["rank_saturation"]["ranks_left_out"] == [4, 16]
+    f = _findings(tmp_path, min_lrs_for_rank_claims=1)
+    assert f["rank_independent"] is False
+
+
+def test_a_run_that_answers_one_letter_never_passes_retention(tmp_path):
+    """LEXam accuracy 0.232 within 4 points of a base of 0.27 is no retention when every answer is 'D'."""
+    base = {"lexam_mcq4-loglik": {"accuracy": 0.27, "n": 100}}
+    names = {}
+    for name, lr, f1, counts in (("collapsed", 1e-3, 0.58, {"A": 0, "B": 1, "C": 0, "D": 99}),
+                                 ("healthy", 1e-4, 0.50, {"A": 30, "B": 25, "C": 25, "D": 20})):
+        d = write_run(tmp_path, name=name, rank=8, lr=lr, losses=loss_curve(0.7),
+                      evals={"sjp-validation-loglik": {"macro_f1": f1, "accuracy": 0.7},
+                             "lexam_mcq4-loglik": {"accuracy": 0.25 if name == "healthy" else 0.232}},
+                      base_evals=base)
+        names[name] = d.name
+        summary = d / "eval" / "lexam_mcq4-loglik" / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"accuracy": 0.25 if name == "healthy" else 0.232, "n": 100,
+                                       "prediction_counts": counts}))
+    f = _findings(tmp_path)
+    collapsed, healthy = f["runs"][names["collapsed"]], f["runs"][names["healthy"]]
+    assert collapsed["lexam_collapsed"] is True and collapsed["lexam_drop_points"] == pytest.approx(3.8)
+    assert collapsed["lexam_top_answer_share"] == pytest.approx(0.99)
+    assert healthy["lexam_collapsed"] is False
+    assert f["retention"]["collapsed"] == [names["collapsed"]]
+    assert f["recommended"]["run"] == names["healthy"]  # lower validation macro-F1, but it still answers
+    assert "collapsed" in f["recommended"]["why"]

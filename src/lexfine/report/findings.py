@@ -35,6 +35,11 @@ class Settings:
     """Divergence: relative margin of the last window's mean over the first's (report/divergence.py)."""
     spike_ratio: float = 0.5
     """Divergence: a last window this fraction above the run's best rolling mean is a spike."""
+    collapse_share: float = 0.9
+    """Retention: a run that gives one answer letter to at least this share of the LEXam questions has collapsed
+    (its accuracy is then the share of that letter among the gold answers, not knowledge): it never passes."""
+    min_lrs_for_rank_claims: int = 3
+    """Rank independence of the best LR: only ranks with at least this many LRs tried take part."""
 
     def describe(self) -> str:
         return f"mean of the last {self.smooth_last} logged training-loss values of each run"
@@ -144,22 +149,28 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
     lora_best = lora_best_loss[best_rank] if best_rank is not None else math.nan
     best_lora_lr = lora_best_lr.get(best_rank) if best_rank is not None else None
 
-    per_rank_lrs = [lora_best_lr[rk] for rk in finite_ranks]
+    # a rank with one or two LRs tried has no located optimum: it takes no part in rank-independence claims
+    covered = [rk for rk in finite_ranks if len(tried.get(("lora", rk), [])) >= s.min_lrs_for_rank_claims]
+    per_rank_lrs = [lora_best_lr[rk] for rk in covered]
     ratio = best_lora_lr / full_lr if best_lora_lr and full_lr else None
     # the median of per-rank best LRs, taken in log space so that an even count stays on a geometric midpoint
     median_lr = math.exp(statistics.median(math.log(x) for x in per_rank_lrs)) if per_rank_lrs else None
 
     saturation = None
-    if best_rank is not None:
-        within = [rk for rk in finite_ranks if lora_best_loss[rk] <= lora_best * (1 + s.rank_tolerance)]
+    if best_rank is not None:  # over the ranks tried at (at least) every LR the best rank was tried at
+        best_grid = set(tried.get(("lora", best_rank), []))
+        same = [rk for rk in finite_ranks if best_grid <= set(tried.get(("lora", rk), []))]
+        within = [rk for rk in same if lora_best_loss[rk] <= lora_best * (1 + s.rank_tolerance)]
         sat = min(within)
-        above = [lora_best_loss[rk] for rk in finite_ranks if rk >= sat]
+        above = [lora_best_loss[rk] for rk in same if rk >= sat]
         saturation = {
             "rank": sat,
             "tolerance": s.rank_tolerance,
             "ranks_within_tolerance": within,
             "spread_at_or_above": _rel(max(above), min(above)),
-            "all_at_or_above_within_tolerance": all(rk in within for rk in finite_ranks if rk >= sat),
+            "all_at_or_above_within_tolerance": all(rk in within for rk in same if rk >= sat),
+            "ranks": same,
+            "ranks_left_out": [rk for rk in finite_ranks if rk not in same],  # not tried at the best rank's LRs
         }
 
     out: dict[str, Any] = {
@@ -167,7 +178,8 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
         "divergence_rule": s.rule.describe(),
         "settings": {"smooth_last": s.smooth_last, "rank_tolerance": s.rank_tolerance,
                      "max_lexam_drop_points": s.max_lexam_drop, "rise_margin": s.rise_margin,
-                     "spike_ratio": s.spike_ratio},
+                     "spike_ratio": s.spike_ratio, "collapse_share": s.collapse_share,
+                     "min_lrs_for_rank_claims": s.min_lrs_for_rank_claims},
         "n_runs": len(runs),
         "best_lr": {"full": full_lr, "lora": {str(rk): lora_best_lr[rk] for rk in ranks}},
         "best_lr_ties": ties,
@@ -182,7 +194,11 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
         "lr_ratio_median_over_ranks": median_lr / full_lr if median_lr and full_lr else None,
         "lr_ratio_per_rank": {str(rk): (lora_best_lr[rk] / full_lr if lora_best_lr[rk] and full_lr else None)
                               for rk in ranks},
-        "rank_independent": (len(set(per_rank_lrs)) == 1) if per_rank_lrs else None,
+        "rank_independent": (len(set(per_rank_lrs)) == 1) if len(per_rank_lrs) >= 2 else None,
+        "rank_independence_ranks": covered,
+        "rank_independence_excluded": {str(rk): f"{len(tried.get(('lora', rk), []))} LR(s) tried, fewer than "
+                                                f"{s.min_lrs_for_rank_claims}" for rk in finite_ranks
+                                       if rk not in covered},
         "best_lr_spread": ({"min": min(per_rank_lrs), "max": max(per_rank_lrs),
                             "max_over_min": max(per_rank_lrs) / min(per_rank_lrs)} if per_rank_lrs else None),
         "final_loss": {"full_best": full_best, "full_best_lr": full_lr, "lora_best": lora_best,
@@ -193,7 +209,7 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
         "diverged": diverged,
     }
     out["recommended"], out["retention"], runs_info = recommend(runs, ok, final, size_base, s.max_lexam_drop,
-                                                                s.describe())
+                                                                s.describe(), s.collapse_share)
     out["runs"] = {r.name: {"method": r.method, "rank": r.rank, "lr": r.lr, "final_loss": final[r.name],
                             "first_loss": first_loss(r), "steps": len(r.curve), "diverged": r.name in diverged,
                             "divergence": reasons[r.name], "status": r.status, **runs_info.get(r.name, {})}

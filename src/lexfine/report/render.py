@@ -61,8 +61,11 @@ def _findings_rows(f: dict) -> list[list[str]]:
     rows += [
         ["LoRA / full FT best-LR ratio", f"{_num(f['lr_ratio_lora_over_full'])} (best LoRA configuration's LR); "
                                          f"median over ranks: {_num(f['lr_ratio_median_over_ranks'])}"],
-        ["Best LR independent of rank", "n/a" if f["rank_independent"] is None else
-         ("yes" if f["rank_independent"] else "no") + f" (max/min over ranks: {_num(spread.get('max_over_min'))})"],
+        ["Best LR independent of rank", ("n/a (fewer than two ranks with enough LRs)" if f["rank_independent"] is None
+                                         else ("yes" if f["rank_independent"] else "no")
+                                         + f" (max/min over ranks {', '.join(f'r{rk}' for rk in f.get('rank_independence_ranks', []))}: "
+                                         f"{_num(spread.get('max_over_min'))})")
+         + "".join(f"; r{rk} left out: {why}" for rk, why in (f.get("rank_independence_excluded") or {}).items())],
     ]
     fl = f["final_loss"]
     rows.append(["Final loss, best full FT / best LoRA",
@@ -118,7 +121,10 @@ def _run_rows(f: dict) -> tuple[list[str], list[list[str]]]:
                r["divergence"] or "" if r["diverged"] else ""]
         row += [_num(r.get(k)) for k, _h in splits]
         if ret.get("lexam_key"):
-            row += [_num(r.get("lexam_accuracy")), _num(r.get("lexam_drop_points"), 3)]
+            acc = _num(r.get("lexam_accuracy"))
+            if r.get("lexam_collapsed"):
+                acc += f" (one answer: {100 * r['lexam_top_answer_share']:.1f}%)"
+            row += [acc, _num(r.get("lexam_drop_points"), 3)]
         rows.append(row)
     return head, rows
 

@@ -122,12 +122,25 @@ def to_float(x: Any) -> float | None:
 
 
 def headline(summary: dict) -> dict[str, float]:
-    """Keep the scalar metrics of an eval summary (accuracy, macro_f1, n, ...), drop breakdowns."""
+    """Keep the scalar metrics of an eval summary (accuracy, macro_f1, n, ...), drop breakdowns; add
+    `top_answer_share` (the most frequent prediction's share) when the summary counts its predictions."""
     out = {}
     for k, v in summary.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)
+    share = top_answer_share(summary.get("prediction_counts"))
+    if share is not None and "top_answer_share" not in out:
+        out["top_answer_share"] = share
     return out
+
+
+def top_answer_share(counts: Any) -> float | None:
+    """Share of the most frequent answer among the predictions ({"A": 0, "D": 1651, "none": 0} -> ~0.998)."""
+    if not isinstance(counts, dict):
+        return None
+    values = [float(v) for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    total = sum(values)
+    return max(values) / total if values and total > 0 else None
 
 
 def throughput_from_curve(curve: pd.DataFrame) -> float | None:

@@ -60,7 +60,7 @@ def base_lexam(run: Run, key: str, group_runs: list[Run], size_base: dict) -> fl
 
 
 def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base: dict, max_drop: float,
-              describe: str) -> tuple[dict, dict, dict[str, dict]]:
+              describe: str, collapse_share: float = 0.9) -> tuple[dict, dict, dict[str, dict]]:
     mode = next((m for m in MODES if _sjp_key(runs, "validation", m) or _sjp_key(runs, "test", m)), None)
     sel_key = _sjp_key(runs, "validation", mode) if mode else None
     test_key = _sjp_key(runs, "test", mode) if mode else None
@@ -75,6 +75,10 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
                 d[name] = r.evals[key][metric]
         if lexam_key and "accuracy" in r.evals.get(lexam_key, {}):
             d["lexam_accuracy"] = r.evals[lexam_key]["accuracy"]
+            share = r.evals[lexam_key].get("top_answer_share")
+            if share is not None:
+                d["lexam_top_answer_share"] = share
+                d["lexam_collapsed"] = share >= collapse_share
             base = base_lexam(r, lexam_key, runs, size_base)
             if base is not None:
                 d["lexam_base_accuracy"] = base
@@ -85,7 +89,8 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
                  "report_key": test_key, "report_split": "test" if test_key else None, "task_metric": metric,
                  "lexam_key": lexam_key, "lexam_split": "test" if lexam_key else None,
                  "lexam_base_accuracy": bases[0] if bases and len(set(bases)) == 1 else None,
-                 "max_drop_points": max_drop}
+                 "max_drop_points": max_drop, "collapse_share": collapse_share,
+                 "collapsed": sorted(n for n, d in info.items() if d.get("lexam_collapsed"))}
 
     def rec(r: Run | None, why: str, criterion: str, split: str | None) -> dict:
         if r is None:
@@ -99,14 +104,21 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
         if not with_drop:
             what = "no LEXam evaluation" if lexam_key is None else "no LEXam score with a matching base-model score"
             return cands, f"; {what}, so retention was not checked"
-        kept = [r for r in with_drop if info[r.name]["lexam_drop_points"] <= max_drop + 1e-9]
+        # a collapsed run (one answer letter for nearly every question) lost the task, whatever its accuracy
+        collapsed = [r for r in with_drop if info[r.name].get("lexam_collapsed")]
+        alive = [r for r in with_drop if not info[r.name].get("lexam_collapsed")]
+        note = (f" and that do not give one answer to {collapse_share:.0%} or more of the questions "
+                f"({len(collapsed)} collapsed runs left out)" if collapsed else "")
+        kept = [r for r in alive if info[r.name]["lexam_drop_points"] <= max_drop + 1e-9]
         if kept:
             return kept, (f" among {len(kept)} runs whose LEXam accuracy ({lexam_key}) is at most {max_drop:g} points "
-                          "below the base model's on the same questions")
-        least = min(info[r.name]["lexam_drop_points"] for r in with_drop)
-        return ([r for r in with_drop if info[r.name]["lexam_drop_points"] <= least + 1e-9],
-                f"; no run kept LEXam ({lexam_key}) within {max_drop:g} points: runs with the smallest drop "
-                f"({least:.1f} points)")
+                          f"below the base model's on the same questions{note}")
+        pool = alive or with_drop
+        least = min(info[r.name]["lexam_drop_points"] for r in pool)
+        return ([r for r in pool if info[r.name]["lexam_drop_points"] <= least + 1e-9],
+                f"; no {'non-collapsed ' if collapsed and alive else ''}run kept LEXam ({lexam_key}) within "
+                f"{max_drop:g} points: runs with the smallest drop ({least:.1f} points)"
+                + ("; every run with a LEXam score collapsed to one answer" if not alive else ""))
 
     def best(cands: list[Run], name: str) -> Run:
         return min(cands, key=lambda r: (-info[r.name][name], final[r.name], r.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -224,3 +225,24 @@ def test_a_run_that_answers_one_letter_never_passes_retention(tmp_path):
     assert f["retention"]["collapsed"] == [names["collapsed"]]
     assert f["recommended"]["run"] == names["healthy"]  # lower validation macro-F1, but it still answers
     assert "collapsed" in f["recommended"]["why"]
+
+
+def test_best_lr_resolution_pairs_runs_on_the_same_batches(tmp_path):
+    """Same seed, same data: per-step noise is shared, so a small but consistent gap is resolved when paired;
+    a different seed is compared unpaired, with each run's own standard error."""
+    import random
+    rng = random.Random(0)
+    noise = [rng.gauss(0, 0.05) for _ in range(40)]  # batch difficulty, shared by every run on the same batches
+    write_run(tmp_path, name="a", rank=8, lr=1e-4, losses=[0.5 + e for e in noise])
+    write_run(tmp_path, name="b", rank=8, lr=1e-3, losses=[0.51 + e + rng.gauss(0, 0.002) for e in noise])
+    f = _findings(tmp_path)
+    res = f["best_lr_resolution"]["lora"]["8"]
+    assert f["best_lr"]["lora"]["8"] == 1e-4 and res["runner_up_lr"] == 1e-3
+    assert res["basis"] == "paired" and res["resolved"] is True and res["z"] > 10
+    # the same gap between runs on different batches (another seed) is buried in the noise
+    for d in tmp_path.iterdir():
+        shutil.rmtree(d)
+    write_run(tmp_path, name="a", rank=8, lr=1e-4, losses=[0.5 + e for e in noise])
+    write_run(tmp_path, name="b", rank=8, lr=1e-3, losses=[0.51 + rng.gauss(0, 0.05) for _ in noise], seed=7)
+    res = _findings(tmp_path)["best_lr_resolution"]["lora"]["8"]
+    assert res["basis"] == "unpaired" and res["resolved"] is False and res["z"] < 2

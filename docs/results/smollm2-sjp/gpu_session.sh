@@ -9,6 +9,8 @@
 #   [ORDER=f] bash docs/results/smollm2-sjp/gpu_session.sh b SWEEP [ARGS...]   join the GGUF, convert it once,
 #                                      start `lexfine sweep run SWEEP ARGS` detached (runs named in f first)
 #   bash docs/results/smollm2-sjp/gpu_session.sh poll SECONDS SWEEP  wait, print status, pack small files to $OUT
+# Then, here: python docs/results/smollm2-sjp/publish.py <files_at>/runs.tgz  (completed runs -> runs/, findings)
+# Stage b restores the published runs into the sweep directory, so a later session trains only what is missing.
 # On a cluster none of this is needed: `pip install -e .` and `lexfine sweep run SWEEP --gpus auto`.
 set -uo pipefail
 W=$HOME/study                       # outside the repository copy, which each device call re-syncs
@@ -51,6 +53,12 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     t0=$(date +%s)
     python3 -c "from lexfine import models; print(models.embedded_model_dir())" || exit 1
     echo "model ready in $(( $(date +%s) - t0 )) s"
+    # runs completed in earlier sessions (their small files, published by publish.py): the sweep skips them
+    sweep_dir=$(python3 -c "import os; from lexfine.sweep.grid import load_sweep; print(os.path.relpath(load_sweep('$sweep').sweep_dir))")
+    if [ -d docs/results/smollm2-sjp/runs ] && [ "$(basename "$sweep_dir")" = smollm2-sjp ]; then
+      mkdir -p "$sweep_dir" && cp -rn docs/results/smollm2-sjp/runs/* "$sweep_dir/" 2>/dev/null
+      echo "restored $(ls docs/results/smollm2-sjp/runs | wc -l) completed runs into $sweep_dir"
+    fi
     date -u > "$W/sweep.started"
     only=()   # ORDER=file: one run name per line, started in that order (`--only` keeps the order)
     if [ -n "${ORDER:-}" ]; then

@@ -143,6 +143,7 @@ def load_run_dir(path: Path) -> Run:
         method=method,
         rank=int(_dig(cfg, "lora.r")) if method == "lora" and _dig(cfg, "lora.r") is not None else None,
         lr=to_float(_dig(cfg, "train.lr")),
+        seed=_dig(cfg, "train.seed"),
         size=size,
         curve=curve,
         model=model,

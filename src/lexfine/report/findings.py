@@ -59,6 +59,65 @@ def smoothed_final_loss(run: Run, k: int) -> float:
     return sum(tail) / len(tail)
 
 
+def smoothed_final_loss_se(run: Run, k: int) -> float:
+    """Standard error of the smoothed final loss: sd of the last K logged losses / sqrt(K). Consecutive logged
+    steps see different batches, so their losses are close to independent draws around the run's level; a small
+    batch (or an answer-only loss over a few label tokens a step) makes this large, and a difference between two
+    runs smaller than ~2 combined standard errors is not a difference the data resolve."""
+    losses = run.curve["loss"].tolist()
+    tail = losses[-k:] if k > 0 else losses
+    if len(tail) < 2 or any(not math.isfinite(x) for x in tail):
+        return math.nan
+    return statistics.stdev(tail) / math.sqrt(len(tail))
+
+
+def paired_z(a: Run, b: Run, k: int) -> float | None:
+    """z of loss(b) - loss(a) over the last K steps both logged, paired step by step: valid when both runs saw the
+    same batches in the same order (same comparison group and seed), which removes the batch-to-batch noise that
+    both share. None when they are not paired or the steps do not line up."""
+    if a.seed is None or a.seed != b.seed or a.group[:2] != b.group[:2]:  # [2]: LoRA keys, not the data order
+        return None
+    la = dict(zip(a.curve["step"], a.curve["loss"]))
+    lb = dict(zip(b.curve["step"], b.curve["loss"]))
+    steps = sorted(set(la) & set(lb))
+    steps = steps[-k:] if k > 0 else steps
+    diffs = [lb[t] - la[t] for t in steps]
+    if len(diffs) < 2 or any(not math.isfinite(d) for d in diffs):
+        return None
+    sd = statistics.stdev(diffs)
+    return statistics.fmean(diffs) / (sd / math.sqrt(len(diffs))) if sd > 0 else None
+
+
+def _resolution(loss: dict[float, float], se: dict[float, float], best: float | None,
+                members: dict[float, list[Run]], k: int) -> dict[str, Any] | None:
+    """How far the runner-up LR's loss lies above the best's, in standard errors (z >= 2: resolved): paired step by
+    step when both are single runs on the same batches (same seed), else from the two runs' own standard errors."""
+    others = {lr: v for lr, v in loss.items() if lr != best and math.isfinite(v)}
+    if best is None or not others:
+        return None
+    runner = min(others, key=lambda lr: (others[lr], lr))
+    z, basis = None, "unpaired"
+    if len(members.get(best, [])) == 1 and len(members.get(runner, [])) == 1:
+        z = paired_z(members[best][0], members[runner][0], k)
+        basis = "paired" if z is not None else basis
+    if z is None:
+        err = math.hypot(se.get(best, math.nan), se.get(runner, math.nan))
+        z = (others[runner] - loss[best]) / err if err > 0 else math.nan
+    return {"runner_up_lr": runner, "difference": others[runner] - loss[best], "z": z, "basis": basis,
+            "resolved": bool(math.isfinite(z) and z >= 2)}
+
+
+def _gap_z(full: list[Run], lora: list[Run], diff: float, se_full: float | None, se_lora: float | None,
+           k: int) -> float | None:
+    """z of the full-vs-LoRA loss gap (negative: full FT lower), paired when both are single same-seed runs."""
+    if len(full) == 1 and len(lora) == 1:
+        z = paired_z(lora[0], full[0], k)
+        if z is not None:
+            return z
+    err = math.hypot(se_full if se_full is not None else math.nan, se_lora if se_lora is not None else math.nan)
+    return diff / err if err > 0 else None
+
+
 def first_loss(run: Run) -> float:
     losses = run.curve["loss"].tolist()
     return losses[0] if losses else math.nan
@@ -116,6 +175,16 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
     for r in ok:
         groups.setdefault(r.config_key, []).append(final[r.name])
     cfg_loss = {key: sum(v) / len(v) for key, v in groups.items()}
+    ses: dict[tuple, list[float]] = {}
+    for r in ok:
+        ses.setdefault(r.config_key, []).append(smoothed_final_loss_se(r, k))
+    cfg_se = {key: math.sqrt(sum(x * x for x in v)) / len(v) for key, v in ses.items()}  # SE of the mean
+    members: dict[tuple, list[Run]] = {}
+    for r in ok:
+        members.setdefault(r.config_key, []).append(r)
+
+    def runs_by_lr(method: str, rank: int | None) -> dict[float, list[Run]]:
+        return {lr: v for (m, rk, lr), v in members.items() if m == method and rk == rank and lr is not None}
     tried: dict[tuple, list[float]] = {}  # LRs tried per (method, rank), diverged runs included
     for r in runs:
         if r.lr is not None:
@@ -123,8 +192,9 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
             if r.lr not in tried[(r.method, r.rank)]:
                 tried[(r.method, r.rank)].append(r.lr)
 
-    def by_lr(method: str, rank: int | None) -> dict[float, float]:
-        return {lr: v for (m, rk, lr), v in cfg_loss.items() if m == method and rk == rank and lr is not None}
+    def by_lr(method: str, rank: int | None, table: dict | None = None) -> dict[float, float]:
+        return {lr: v for (m, rk, lr), v in (cfg_loss if table is None else table).items()
+                if m == method and rk == rank and lr is not None}
 
     ranks = sorted({r.rank for r in runs if r.method == "lora" and r.rank is not None})
     full_lr, full_ties = _argmin_lr(by_lr("full", None))
@@ -205,12 +275,27 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
                        "lora_best_rank": best_rank, "lora_best_lr": best_lora_lr,
                        "lora_best_per_rank": {str(rk): lora_best_loss[rk] for rk in ranks}},
         "loss_gap_full_vs_best_lora": _rel(full_best, lora_best),
+        "loss_gap_z": _gap_z(members.get(("full", None, full_lr), []),
+                             members.get(("lora", best_rank, best_lora_lr), []), full_best - lora_best,
+                             cfg_se.get(("full", None, full_lr)), cfg_se.get(("lora", best_rank, best_lora_lr)), k)
+        if full_lr is not None and best_rank is not None else None,
+        "best_lr_resolution": {
+            "full": _resolution(by_lr("full", None), by_lr("full", None, cfg_se), full_lr,
+                                runs_by_lr("full", None), k),
+            "lora": {str(rk): _resolution(by_lr("lora", rk), by_lr("lora", rk, cfg_se), lora_best_lr[rk],
+                                          runs_by_lr("lora", rk), k) for rk in ranks},
+            "rule": "runner-up LR's smoothed loss minus the best's in standard errors: paired step by step when both "
+                    "are single runs on the same batches (same group and seed), else over their combined standard "
+                    "errors (sd of the last K logged losses / sqrt(K)); z >= 2: resolved, else the grid cannot tell "
+                    "the two LRs apart",
+        },
         "rank_saturation": saturation,
         "diverged": diverged,
     }
     out["recommended"], out["retention"], runs_info = recommend(runs, ok, final, size_base, s.max_lexam_drop,
                                                                 s.describe(), s.collapse_share)
     out["runs"] = {r.name: {"method": r.method, "rank": r.rank, "lr": r.lr, "final_loss": final[r.name],
+                            "final_loss_se": smoothed_final_loss_se(r, k),
                             "first_loss": first_loss(r), "steps": len(r.curve), "diverged": r.name in diverged,
                             "divergence": reasons[r.name], "status": r.status, **runs_info.get(r.name, {})}
                    for r in runs}

@@ -242,6 +242,11 @@ def tradeoff(runs, pal, retention: dict, base: dict, path: Path) -> Path | str:
         ax.scatter([x], [y], color=pal.of(r), marker=pal.marker.get(r.lr, "o"), s=40, zorder=3,
                    label=None if lab in seen else lab)
         seen.add(lab)
+    collapsed = set(retention.get("collapsed") or [])
+    gone = [(x, y) for x, y, n, _r in pts if n in collapsed]
+    if gone:
+        ax.scatter([x for x, _ in gone], [y for _, y in gone], marker="x", color="black", s=70, zorder=5,
+                   label=f"one LEXam answer for >= {retention.get('collapse_share', 0.9):.0%} of questions")
     front = pareto_front([(x, y, n) for x, y, n, _r in pts])
     ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2, drawstyle="steps-post",
             zorder=2, label="Pareto front")

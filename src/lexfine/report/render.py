@@ -39,13 +39,22 @@ def _edge_note(edge: str | None) -> str:
             "single": " (only LR tried)"}.get(edge or "", "")
 
 
+def _resolved_note(res: dict | None) -> str:
+    """'; runner-up 1e-5 is 1.6 SE above (paired): not resolved' from findings' best_lr_resolution entries."""
+    if not res or res.get("z") is None:
+        return ""
+    verdict = "resolved" if res["resolved"] else "not resolved"
+    return f" (runner-up {_lr(res['runner_up_lr'])} {_num(res['z'], 2)} SE above, {res.get('basis', 'unpaired')}: {verdict})"
+
+
 def _findings_rows(f: dict) -> list[list[str]]:
     best, edges = f["best_lr"], f["best_lr_at_grid_edge"]
+    res = f.get("best_lr_resolution") or {}
     lora = best["lora"]
     rows = [["Completed runs", f"{f['n_runs']} ({len(f['diverged'])} diverged)"],
             ["Final loss (smoothing)", f["smoothing"]],
             ["Divergence rule", f["divergence_rule"]],
-            ["Best LR, full FT", _lr(best["full"]) + _edge_note(edges["full"])]]
+            ["Best LR, full FT", _lr(best["full"]) + _edge_note(edges["full"]) + _resolved_note(res.get("full"))]]
     if lora:
         values = sorted({v for v in lora.values() if v is not None})
         ranks = sorted(int(k) for k in lora)
@@ -54,7 +63,9 @@ def _findings_rows(f: dict) -> list[list[str]]:
             note = _edge_note(lora_edges.pop()) if len(lora_edges) == 1 else ""
             rows.append(["Best LR, LoRA", f"{_lr(values[0])} at every rank ({', '.join(map(str, ranks))}){note}"])
         else:
-            rows.append(["Best LR, LoRA", ", ".join(f"r{rk}: {_lr(lora[str(rk)])}" for rk in ranks)])
+            rows.append(["Best LR, LoRA", ", ".join(f"r{rk}: {_lr(lora[str(rk)])}"
+                                                    + _resolved_note((res.get("lora") or {}).get(str(rk)))
+                                                    for rk in ranks)])
     else:
         rows.append(["Best LR, LoRA", "n/a (no LoRA runs)"])
     spread = f.get("best_lr_spread") or {}
@@ -71,13 +82,18 @@ def _findings_rows(f: dict) -> list[list[str]]:
     rows.append(["Final loss, best full FT / best LoRA",
                  f"{_num(fl['full_best'])} (lr {_lr(fl['full_best_lr'])}) / {_num(fl['lora_best'])} "
                  f"(r{fl['lora_best_rank']}, lr {_lr(fl['lora_best_lr'])})"])
+    z = f.get("loss_gap_z")
     rows.append(["Loss gap, full FT vs best LoRA", _pct(f["loss_gap_full_vs_best_lora"])
-                 + ("" if f["loss_gap_full_vs_best_lora"] is None else " (relative; negative: full FT lower)")])
+                 + ("" if f["loss_gap_full_vs_best_lora"] is None else " (relative; negative: full FT lower)")
+                 + ("" if z is None else f"; {_num(abs(z), 2)} SE: {'resolved' if abs(z) >= 2 else 'not resolved'}")])
     sat = f.get("rank_saturation")
     if sat:
         rows.append(["Rank saturation", f"r{sat['rank']}: smallest rank within {100 * sat['tolerance']:g}% of the "
                      f"best LoRA loss; ranks >= {sat['rank']} spread {100 * sat['spread_at_or_above']:.2f}%"
-                     + ("" if sat["all_at_or_above_within_tolerance"] else " (some higher ranks fall outside)")])
+                     + ("" if sat["all_at_or_above_within_tolerance"] else " (some higher ranks fall outside)")
+                     + (f"; ranks compared: {', '.join(f'r{rk}' for rk in sat['ranks'])} (left out, not tried at "
+                        f"the best rank's LRs: {', '.join(f'r{rk}' for rk in sat['ranks_left_out'])})"
+                        if sat.get("ranks_left_out") else "")])
     rows.append(["Diverged runs", ", ".join(f"{n} ({f['runs'][n]['divergence']})" for n in f["diverged"]) or "none"])
     rec = f["recommended"]
     rows.append(["Recommended", f"**{rec['run']}**: {rec['why']}" if rec["run"] else rec["why"]])

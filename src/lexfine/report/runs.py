@@ -41,6 +41,7 @@ class Run:
     nonfinite_steps: int = 0  # logged steps with a non-finite loss or grad norm (null + `nonfinite` flag)
     eval_settings: dict[str, dict] = field(default_factory=dict)  # "<key>" -> {data, split, limit} of the eval
     base_settings: dict[str, dict] = field(default_factory=dict)  # the same for base_evals (when recorded)
+    seed: int | None = None  # same group and seed: the same batches in the same order (paired comparisons)
 
     @property
     def config_key(self) -> tuple:

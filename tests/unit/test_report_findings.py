@@ -246,3 +246,18 @@ def test_best_lr_resolution_pairs_runs_on_the_same_batches(tmp_path):
     write_run(tmp_path, name="b", rank=8, lr=1e-3, losses=[0.51 + rng.gauss(0, 0.05) for _ in noise], seed=7)
     res = _findings(tmp_path)["best_lr_resolution"]["lora"]["8"]
     assert res["basis"] == "unpaired" and res["resolved"] is False and res["z"] < 2
+
+
+def test_a_recommendation_no_better_than_the_majority_class_says_so(tmp_path):
+    """SJP is ~79% dismissals: always answering 'dismissal' has macro-F1 0.786/1.786 = 0.440."""
+    for name, lr, f1, ci in (("a", 1e-4, 0.449, [0.431, 0.469]), ("b", 1e-3, 0.44, [0.428, 0.449])):
+        d = write_run(tmp_path, name=name, rank=8, lr=lr, losses=loss_curve(0.7))
+        summary = d / "eval" / "sjp-validation-loglik" / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"accuracy": 0.786, "macro_f1": f1, "macro_f1_ci95": ci, "n": 575,
+                                       "majority_baseline": 0.786}))
+    rec = _findings(tmp_path)["recommended"]
+    assert rec["task_metric_validation"] == pytest.approx(0.449)
+    assert rec["majority_class_level"] == pytest.approx(0.786 / 1.786)
+    assert rec["above_majority_class"] is False
+    assert "not distinguishable" in rec["why"]

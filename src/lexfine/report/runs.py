@@ -129,6 +129,10 @@ def headline(summary: dict) -> dict[str, float]:
     for k, v in summary.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)
+    for k, v in summary.items():  # confidence intervals [low, high] -> <k>_low, <k>_high
+        if k.endswith("_ci95") and isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            out[f"{k}_low"], out[f"{k}_high"] = float(v[0]), float(v[1])
     share = top_answer_share(summary.get("prediction_counts"))
     if share is not None and "top_answer_share" not in out:
         out["top_answer_share"] = share

@@ -47,6 +47,15 @@ def _metric(runs: list[Run], key: str | None) -> str | None:
     return "macro_f1" if any("macro_f1" in r.evals.get(key, {}) for r in runs) else "accuracy"
 
 
+def majority_level(metrics: dict, metric: str | None) -> float | None:
+    """The task metric of always answering the majority class of a two-class task (SJP), from its share p:
+    accuracy p; macro-F1 (2p/(1+p) + 0) / 2 = p/(1+p)."""
+    p = metrics.get("majority_baseline")
+    if p is None or metric not in ("accuracy", "macro_f1"):
+        return None
+    return p if metric == "accuracy" else p / (1 + p)
+
+
 def base_lexam(run: Run, key: str, group_runs: list[Run], size_base: dict) -> float | None:
     """The base model's accuracy on the same task, mode, data, split and limit as this run's evaluation."""
     want = run.eval_settings.get(key)
@@ -134,7 +143,16 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
         why = (f"highest validation SJP {metric} ({sel_key}) = {info[r.name]['task_metric_validation']:.4f}{how}; "
                + (f"its test SJP {metric} ({test_key}), reported once: {test:.4f}" if test is not None
                   else "no test-split evaluation of it"))
-        return rec(r, why, "validation_task_metric", "validation"), retention, info
+        out = rec(r, why, "validation_task_metric", "validation")
+        trivial = majority_level(r.evals.get(sel_key, {}), metric)
+        if trivial is not None:
+            low = r.evals[sel_key].get(f"{metric}_ci95_low")
+            out["majority_class_level"] = trivial
+            out["above_majority_class"] = None if low is None else low > trivial
+            if low is not None and low <= trivial:
+                out["why"] += (f"; its 95% CI (low {low:.4f}) includes the {metric} of always answering the majority "
+                               f"class ({trivial:.4f}): on validation it is not distinguishable from that")
+        return out, retention, info
     tested = [r for r in ok if "task_metric_test" in info[r.name]]
     if tested:
         cands, how = within(tested)

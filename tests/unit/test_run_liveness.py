@@ -44,7 +44,7 @@ def test_a_second_sweep_runner_skips_the_locked_run_and_takes_the_rest(tmp_path)
     lines: list[str] = []
     with RunLock(locked.run_dir):
         outcomes = run_sweep(sweep, evaluate=False, echo=lines.append)
-    assert [(o.state, o.detail) for o in outcomes] == [("skipped", RUNNING_ELSEWHERE), ("skipped", "completed before")]
+    assert [(o.state, o.detail) for o in outcomes] == [("locked", RUNNING_ELSEWHERE), ("skipped", "completed before")]
     assert RunDir(locked.run_dir).manifest_path.read_text() == before  # the holder's manifest is not touched
     assert "running elsewhere" in lines[0] and "pid" in lines[0]
 
@@ -151,5 +151,5 @@ def test_a_training_process_that_exits_73_is_skipped_not_failed(tmp_path, monkey
     before = [RunDir(r.run_dir).manifest_path.read_text() for r in sweep.runs]
     monkeypatch.setattr(local, "_run_logged", lambda *a, **kw: EXIT_LOCKED)
     outcomes = run_sweep(sweep, evaluate=False, echo=lambda line: None)
-    assert [(o.state, o.detail) for o in outcomes] == [("skipped", RUNNING_ELSEWHERE)] * 2
+    assert [(o.state, o.detail) for o in outcomes] == [("locked", RUNNING_ELSEWHERE)] * 2
     assert [RunDir(r.run_dir).manifest_path.read_text() for r in sweep.runs] == before

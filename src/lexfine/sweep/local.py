@@ -174,7 +174,8 @@ def missing_evals(run: PlannedRun, tasks: list[str] | None = None) -> list[str]:
 class Outcome:
     run: PlannedRun
     state: str
-    """trained | skipped | failed | eval-failed"""
+    """trained | skipped (completed before) | locked (another live process trains it: nothing touched) | diverged |
+    interrupted | failed | eval-failed; the sequential and the packed runner use the same words"""
     detail: str = ""
     seconds: float = 0.0
 
@@ -304,7 +305,7 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
             echo(f"{head}: diverged before, not retried")
             continue
         elif lock_holder(rd.path):
-            outcomes.append(Outcome(run, "skipped", RUNNING_ELSEWHERE))
+            outcomes.append(Outcome(run, "locked", RUNNING_ELSEWHERE))
             echo(f"{head}: {RUNNING_ELSEWHERE} ({describe(lock_holder(rd.path) or {})}), skipping")
             continue
         elif status == "failed" and not retry_failed:
@@ -324,7 +325,7 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
                 raise
             if detail == RUNNING_ELSEWHERE:
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status)
-                outcomes.append(Outcome(run, "skipped", detail, time.perf_counter() - t0))
+                outcomes.append(Outcome(run, "locked", detail, time.perf_counter() - t0))
                 echo(f"{head}: {detail}, skipping")
                 continue
             if not ok:

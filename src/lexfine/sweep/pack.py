@@ -33,8 +33,8 @@ from typing import Callable
 from lexfine.errors import ConfigError
 from lexfine.rundir import RunDir, now_iso
 from lexfine.sweep.grid import PlannedRun, Sweep
-from lexfine.sweep.local import (Outcome, _error_line, _tail, classify_exit, eval_command, has_eval, log_dir,
-                                 missing_evals, prepare, read_state, train_command, update_state)
+from lexfine.sweep.local import (RUNNING_ELSEWHERE, Outcome, _error_line, _tail, classify_exit, eval_command, has_eval,
+                                 log_dir, missing_evals, prepare, read_state, train_command, update_state)
 
 
 @dataclass
@@ -223,7 +223,7 @@ class PackedRunner:
             self.outcomes[run.run_id] = Outcome(run, "diverged", _error_line(rd, "non-finite loss"), dt)
             self._say(run, f"diverged after {dt:.0f}s (terminal, not retried): {_error_line(rd, 'non-finite loss')}")
         elif kind == "locked":
-            self.outcomes[run.run_id] = Outcome(run, "locked", "locked by another live process", dt)
+            self.outcomes[run.run_id] = Outcome(run, "locked", RUNNING_ELSEWHERE, dt)
             self._say(run, "skipped: locked by another live process (another sweep runner or lexfine train)")
         elif kind == "interrupted":
             if status in (None, "planned", "running"):

@@ -227,6 +227,6 @@ def test_sequential_runner_never_marks_a_locked_or_diverged_run_failed(make_swee
 
     monkeypatch.setattr(local, "_run_logged", fake_run)
     out = local.run_sweep(sweep, echo=lambda s: None)
-    assert [(o.state, o.detail) for o in out][0] == ("skipped", local.RUNNING_ELSEWHERE)  # another runner has it
+    assert [(o.state, o.detail) for o in out][0] == ("locked", local.RUNNING_ELSEWHERE)  # another runner has it
     assert out[1].state == "diverged"
     assert [RunDir(r.run_dir).status for r in sweep.runs] == ["running", "running"]  # untouched

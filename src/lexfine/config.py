@@ -218,6 +218,10 @@ class SelectArgs(Section):
     max_lexam_drop: float | None = Field(0.05, ge=0)
     """Only checkpoints whose LEXam accuracy (eval/<first lexam task>/accuracy) is at most this far below the base
     model's (absolute, 0.05 = 5 points) can be selected. null: no retention condition."""
+    max_top_answer_share: float | None = Field(0.9, gt=0, le=1)
+    """Nor a checkpoint that gives one LEXam answer to at least this share of the questions (a collapse: on balanced
+    MCQ-4 its accuracy is that letter's share of the gold answers, which a near-chance base cannot tell from
+    retention). null: no such condition."""
 
 
 class EvalDuringArgs(Section):

@@ -40,6 +40,20 @@ def test_selector_keeps_the_best_within_the_retention_budget_and_stops_on_collap
     assert s.rule()["base_retention"] == 0.5 and s.rule()["max_lexam_drop"] == 0.05
 
 
+def test_selector_never_selects_a_checkpoint_that_answers_one_letter():
+    """SmolLM2 on SJP at LR 1e-3 (docs/results/smollm2-sjp): LEXam 0.232 vs base 0.269 is within 5 points, but
+    every question got 'D': that is a collapse, not retention."""
+    share = "eval/lexam_mcq4/top_answer_share"
+    s = Selector(SelectArgs(metric=T, max_lexam_drop=0.05), "lexam_mcq4", None)
+    s.update(0, {T: 0.459, R: 0.269, share: 0.35})
+    assert s.update(10, {T: 0.45, R: 0.26, share: 0.5}).new_best
+    assert not s.update(20, {T: 0.58, R: 0.232, share: 0.998}).new_best
+    assert s.best["step"] == 10 and s.rule()["max_top_answer_share"] == 0.9
+    off = Selector(SelectArgs(metric=T, max_lexam_drop=0.05, max_top_answer_share=None), "lexam_mcq4", None)
+    off.update(0, {T: 0.459, R: 0.269})
+    assert off.update(20, {T: 0.58, R: 0.232, share: 0.998}).new_best  # the condition can be turned off
+
+
 def test_selector_restore_drops_a_best_saved_after_the_checkpoint(tmp_path):
     rd = RunDir(tmp_path)
     rd.create("name: x\n", "x")

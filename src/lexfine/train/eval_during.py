@@ -139,6 +139,7 @@ def score(model, prepared: list[Prepared], info: dist.DistInfo, batch_size: int 
     """{"eval/<task>[/<split>]/<metric>": value} for every task; the same on every rank."""
     from lexfine.eval.loglik import predict, score_cases
     from lexfine.eval.runner import batch_limits, build_summary, model_device
+    from lexfine.report.runs import top_answer_share
 
     bs, cap = batch_limits("loglik", model_device(model), batch_size, None)
     values: dict = {}
@@ -150,6 +151,9 @@ def score(model, prepared: list[Prepared], info: dist.DistInfo, batch_size: int 
         rows = [{"gold": c.gold, "prediction": predict(merged[i], labels), **c.groups} for i, c in enumerate(p.cases)]
         summary = build_summary(p.task, "loglik", rows)
         values.update({f"{p.prefix}/{k}": summary[k] for k in METRICS if summary.get(k) is not None})
+        share = top_answer_share(summary.get("prediction_counts"))
+        if share is not None:  # one answer for (nearly) every case: a collapse that accuracy alone can hide
+            values[f"{p.prefix}/top_answer_share"] = share
     return values
 
 

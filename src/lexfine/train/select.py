@@ -1,7 +1,8 @@
 """Checkpoint selection and early stop from the eval_during metrics.
 
 Rule (eval_during.select): among the evaluated steps after step 0, the one with the highest `metric` whose LEXam
-accuracy is at most `max_lexam_drop` below the base model's (step 0). Its adapter (or full weights) is saved to
+accuracy is at most `max_lexam_drop` below the base model's (step 0) and which does not give one LEXam answer to
+`max_top_answer_share` or more of the questions (a collapse). Its adapter (or full weights) is saved to
 <run>/best/ whenever a new best appears, and the manifest's `selected_checkpoint` names step, metrics and rule.
 Early stop (eval_during.stop_lexam_drop): training ends once LEXam accuracy falls more than that below the base's.
 
@@ -33,6 +34,7 @@ class Selector:
     def __init__(self, select, retention_task: str | None, stop_drop: float | None):
         self.select = select  # SelectArgs | None
         self.retention_key = f"eval/{retention_task}/accuracy" if retention_task else None
+        self.share_key = f"eval/{retention_task}/top_answer_share" if retention_task else None
         self.stop_drop = stop_drop
         self.base_retention: float | None = None
         self.best: dict | None = None  # {"step", "value", "metrics"}
@@ -40,7 +42,8 @@ class Selector:
     def rule(self) -> dict:
         s = self.select
         return {"metric": s.metric, "max_lexam_drop": s.max_lexam_drop, "retention_metric": self.retention_key,
-                "base_retention": self.base_retention, "among": "evaluated steps after step 0"}
+                "base_retention": self.base_retention, "max_top_answer_share": s.max_top_answer_share,
+                "among": "evaluated steps after step 0"}
 
     def _drop(self, values: dict) -> float | None:
         r = values.get(self.retention_key) if self.retention_key else None
@@ -63,6 +66,9 @@ class Selector:
             return d
         if s.max_lexam_drop is not None and (drop is None or drop > s.max_lexam_drop + 1e-12):
             return d
+        share = values.get(self.share_key) if self.share_key else None
+        if s.max_top_answer_share is not None and share is not None and share >= s.max_top_answer_share:
+            return d  # collapsed to one answer: not retention, whatever the accuracy
         if self.best is None or value > self.best["value"]:
             self.best = {"step": step, "value": value, "metrics": dict(values)}
             d.new_best = True

@@ -41,7 +41,7 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     adaptive = t.adaptive_checkpointing and 0 < fraction < 1 and cfg.launch.strategy in ("none", "ddp", "zero2")
     callbacks = []
     if t.gradient_checkpointing and fraction < 1:
-        if cfg.launch.strategy == "fsdp2":  # FSDP2's own activation checkpointing wraps every layer
+        if cfg.launch.strategy == "fsdp2":  # a fraction is not measured under FSDP2 (memory of sharded runs)
             log.warning("train.checkpoint_fraction is ignored under FSDP2: every layer is checkpointed")
             fraction = 1.0
         else:

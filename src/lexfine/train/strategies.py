@@ -31,7 +31,12 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
     return {**_ZERO_COMMON, "zero_optimization": zero}
 
 
-def fsdp2_fields(gradient_checkpointing: bool) -> dict[str, Any]:
+def fsdp2_fields() -> dict[str, Any]:
+    """FSDP2 (one shard per decoder layer, full state dict on save). Activation checkpointing is transformers' own
+    (train.gradient_checkpointing, inside each layer's call), never FSDP's `activation_checkpointing`: that one wraps
+    every layer in a CheckpointWrapper, whose `_checkpoint_wrapped_module.` names PEFT 0.21 (which finds the adapter
+    keys from the module names) cannot match against the unwrapped full state dict, so every LoRA adapter was saved
+    empty (reproduced with 2 gloo processes, tests/integration/test_distributed_cpu.py)."""
     return {
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {
@@ -39,8 +44,7 @@ def fsdp2_fields(gradient_checkpointing: bool) -> dict[str, Any]:
             "reshard_after_forward": True,
             "state_dict_type": "FULL_STATE_DICT",
             "cpu_ram_efficient_loading": False,
-            # FSDP2 does its own checkpointing per wrapped layer; the HF flag would double-wrap.
-            "activation_checkpointing": gradient_checkpointing,
+            "activation_checkpointing": False,
         },
     }
 
@@ -66,7 +70,5 @@ def training_fields(strategy: str, gradient_checkpointing: bool) -> dict[str, An
     if strategy == "zero3":
         return {"deepspeed": deepspeed_config(3)}
     if strategy == "fsdp2":
-        fields = fsdp2_fields(gradient_checkpointing)
-        fields["gradient_checkpointing"] = False
-        return fields
+        return fsdp2_fields()  # train.gradient_checkpointing stays transformers' own (see fsdp2_fields)
     raise ValueError(strategy)

@@ -26,6 +26,12 @@ TEMPLATES = Path(__file__).parent / "data" / "templates"
 KNOWN_ARCHS = {"apertus-8b": BUNDLED / "apertus-8b.config.json", "apertus-70b": BUNDLED / "apertus-70b.config.json"}
 # A fixed seed for random architectures: every run (and every evaluation) of `random:X` sees the same base weights.
 RANDOM_INIT_SEED = 1234
+# Up to this many parameters a random architecture is built once, on the CPU, and kept in lexfine's cache; every run
+# loads that copy. Built where it runs instead, the same seed gave other weights on a GPU than on the CPU, and ZeRO-3
+# initialises in its own order: 1 GPU (CUDA build), ZeRO-2/FSDP2 (CPU build) and ZeRO-3 trained different models.
+# Larger ones (8B, 70B: minutes on a CPU, 32+ GB on disk) are still built where they run: their weights depend on
+# the device and strategy, which throughput benchmarks do not mind. `LEXFINE_RANDOM_CACHE_MAX_PARAMS` moves the limit.
+RANDOM_CACHE_MAX_PARAMS = 3_000_000_000
 
 
 def cache_dir() -> Path:
@@ -199,12 +205,73 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     return config
 
 
+def _build_random(config, dtype, device=None, attn_implementation=None):
+    """The architecture with RANDOM_INIT_SEED's weights, built on `device` (default: the CPU)."""
+    from contextlib import nullcontext
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):  # the caller's RNG stays as it was
+        torch.manual_seed(RANDOM_INIT_SEED)
+        with torch.device(device) if device is not None else nullcontext():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def random_weights_dir(spec: ModelSpec, args: ModelArgs, tokenizer=None) -> Path | None:
+    """The cached copy of a random architecture's weights (fp32, built on the CPU with RANDOM_INIT_SEED the first
+    time), or None above RANDOM_CACHE_MAX_PARAMS. Call it before DeepSpeed ZeRO-3 is
+    configured in this process (lexfine.train does): transformers would build the copy under zero.Init."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    config = architecture_config(spec, args, len(tokenizer) if tokenizer is not None else None)
+    key = hashlib.sha256(json.dumps({"config": config.to_dict(), "seed": RANDOM_INIT_SEED,
+                                     "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"random-{config.model_type}-{key}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    limit = int(float(os.environ.get("LEXFINE_RANDOM_CACHE_MAX_PARAMS", RANDOM_CACHE_MAX_PARAMS)))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with torch.device("meta"):  # the class itself, not from_config: that one would start zero.Init under ZeRO-3
+        n = sum(p.numel() for p in MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).parameters())
+    if n > limit:
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("random_weights_dir must build its copy before DeepSpeed ZeRO-3 is configured")
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # the ranks of a launch ask at once; one builds
+        if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+            return target
+        print(f"lexfine: building {spec.name} ({n / 1e9:.2f}B parameters, random, seed {RANDOM_INIT_SEED}) on the CPU "
+              f"once: {target}")
+        model = _build_random(config, torch.float32)  # architecture_config refused a vocabulary the tokenizer exceeds
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
 def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=None, dtype=None, device=None,
                **load_kwargs):
-    """Load (or, for random:, build) the model. `device` builds random weights directly there (an 8B model
-    initialised on a CPU takes minutes); leave it None under ZeRO-3/FSDP, which place the weights themselves.
-    `load_kwargs` go to from_pretrained (lexfine.quantize passes quantization_config and device_map)."""
-    import torch
+    """Load (or, for random:, build) the model. A random architecture up to RANDOM_CACHE_MAX_PARAMS is loaded from
+    its cached CPU-built copy (random_weights_dir: the same weights on every device and under every strategy); a
+    larger one is built on `device` (an 8B model initialised on a CPU takes minutes). `device`: where to put the
+    weights; leave it None under ZeRO-3/FSDP, which place them themselves. `load_kwargs` go to from_pretrained
+    (lexfine.quantize passes quantization_config and device_map)."""
     from transformers import AutoModelForCausalLM
 
     args = args or ModelArgs()
@@ -214,17 +281,17 @@ def load_model(spec: ModelSpec | str, args: ModelArgs | None = None, tokenizer=N
     if spec.is_random:
         if load_kwargs:
             raise ModelError(f"model={spec.name!r} is built from random weights: {', '.join(load_kwargs)} need a checkpoint")
-        config = architecture_config(spec, args, len(tokenizer) if tokenizer is not None else None)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(RANDOM_INIT_SEED)
-        try:
-            if device is not None:
-                with torch.device(device):
-                    model = AutoModelForCausalLM.from_config(config, **common)
-            else:
-                model = AutoModelForCausalLM.from_config(config, **common)
-        finally:
-            torch.random.set_rng_state(state)
+        saved = random_weights_dir(spec, args, tokenizer)
+        if saved is not None:
+            model = AutoModelForCausalLM.from_pretrained(saved, **common,
+                                                         **({"device_map": {"": device}} if device is not None else {}))
+            # An adapter trained on it records no base path (as for a model built in place): the cache folder is
+            # this machine's, and `lexfine eval` checks the recorded base against random:<arch>.
+            model.config._name_or_path = ""
+            model.name_or_path = ""
+        else:
+            config = architecture_config(spec, args, len(tokenizer) if tokenizer is not None else None)
+            model = _build_random(config, dtype, device, args.attn_implementation)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(

@@ -174,11 +174,10 @@ def load(target: Target, device=None, dtype=None, fused_xielu: bool = True):
     else:
         spec = models.resolve(target.model)
     tokenizer = models.load_tokenizer(spec, args)
-    if spec.is_random and device.type == "cuda":
-        with torch.device(device):  # initialise random weights on the GPU: an 8B init on CPU takes minutes
-            model = models.load_model(spec, args, tokenizer=tokenizer, dtype=dtype)
-    else:
-        model = models.load_model(spec, args, tokenizer=tokenizer, dtype=dtype)
+    # random: up to models.RANDOM_CACHE_MAX_PARAMS loads its CPU-built copy (the weights training saw), a larger one is
+    # built on the GPU (an 8B init on a CPU takes minutes)
+    model = models.load_model(spec, args, tokenizer=tokenizer, dtype=dtype,
+                              device=device if spec.is_random and device.type == "cuda" else None)
     if target.weights == "adapter":
         from peft import PeftModel
 

@@ -241,9 +241,15 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     from lexfine.train.speed import apply_speed_levers
     from lexfine.train.timings import TimingsCallback
 
-    args = build_args(cfg, rd)
+    # Resolved before build_args: under ZeRO-3 the SFTConfig switches transformers to zero.Init, and the embedded
+    # model's conversion and a random architecture's CPU copy (models.random_weights_dir) must not be built under it.
     spec = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(spec, cfg.model_args)
+    t0 = time.perf_counter()
+    if spec.is_random:
+        models.random_weights_dir(spec, cfg.model_args, tokenizer)
+    build_s = time.perf_counter() - t0
+    args = build_args(cfg, rd)
     t0 = time.perf_counter()
     dataset, stats = load_dataset(cfg, tokenizer)
     timings = {"data_prep_s": round(time.perf_counter() - t0, 2)}
@@ -262,7 +268,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
         model = load_quantized(spec, cfg, tokenizer)
     else:
         model = models.load_model(spec, cfg.model_args, tokenizer=tokenizer, dtype=dtype, device=device)
-    timings["model_load_s"] = round(time.perf_counter() - t0, 2)
+    timings["model_load_s"] = round(build_s + time.perf_counter() - t0, 2)
     callbacks, speed = apply_speed_levers(cfg, model)
     if main:
         rd.update_manifest(speed=speed)

@@ -154,6 +154,11 @@ def score(model, prepared: list[Prepared], info: dist.DistInfo, batch_size: int 
         share = top_answer_share(summary.get("prediction_counts"))
         if share is not None:  # one answer for (nearly) every case: a collapse that accuracy alone can hide
             values[f"{p.prefix}/top_answer_share"] = share
+        # a continuous score (accuracy moves in steps of 1/n): the mean summed log-prob of the gold answer, as
+        # predictions.jsonl's `scores` of `lexfine eval` give it
+        gold = [merged[i][labels.index(c.gold)] for i, c in enumerate(p.cases) if c.gold in labels]
+        if gold:
+            values[f"{p.prefix}/gold_logprob"] = round(float(sum(gold) / len(gold)), 6)
     return values
 
 
@@ -211,6 +216,7 @@ class EvalDuringCallback(TrainerCallback):
         autocast = self.trainer.accelerator.autocast() if self.trainer and self.cfg.method == "full" else _null()
         with preserved_rng(), eager_eval(model), torch.no_grad(), autocast:
             values = score(model, self.prepared, self.info, self.cfg.eval_during.batch_size, lockstep)
+        forget_zero3_trace(self.trainer)
         seconds = time.perf_counter() - t0
         self.last_step = state.global_step
         self.seconds += seconds
@@ -247,3 +253,21 @@ class EvalDuringCallback(TrainerCallback):
 @contextmanager
 def _null():
     yield
+
+
+def forget_zero3_trace(trainer) -> None:
+    """DeepSpeed ZeRO-3 prefetches parameters in the module order it recorded. After scoring, that is the evaluation's
+    order, which calls lm_head as a module; the next training forward then prefetched lm_head while TRL's fused loss
+    gathered it by hand, and failed ("Cannot partition a param in flight", 2 gloo processes, DeepSpeed 0.19.8). An
+    invalid trace makes the next forward record training's own order. No-op without ZeRO-3."""
+    engine = getattr(trainer, "deepspeed", None) if trainer is not None else None
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    if coordinator is None:
+        return
+    if not hasattr(coordinator, "_invalidate_trace"):  # a private method: say so if a DeepSpeed release renames it
+        log.warning("eval_during: this DeepSpeed has no _invalidate_trace; ZeRO-3 training after an evaluation may "
+                    "fail with 'Cannot partition a param in flight'")
+        return
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()

@@ -92,8 +92,13 @@ def train(
         from lexfine.quantize import check_runtime
         from lexfine.runlock import RunLock
 
-        check_runtime(cfg)
         rd = RunDir(rd_path)
+        if rd.status == "completed":  # skipped before any process starts (each would only find it completed)
+            typer.echo(f"run {cfg.run_id()} is already completed: {rd_path} (`lexfine train --force` trains it again)",
+                       err=True)
+            typer.echo(rd.path)
+            return
+        check_runtime(cfg)
         cmd = local_command(rd.config_path, cfg.launch.num_processes, launcher, cfg.launch.num_machines,
                             cfg.launch.strategy)
         with RunLock(rd.path) as lock:  # held here; the launched processes inherit it (LEXFINE_RUN_LOCK)

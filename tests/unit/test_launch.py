@@ -29,6 +29,7 @@ def test_local_commands():
     assert acc[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in acc
     assert acc[acc.index("--config_file") + 1] == str(accelerate_config_path("zero3"))
     assert acc[-3:] == ["-m", "lexfine.train", "/x/c.yaml"]
+    assert 0 < int(acc[acc.index("--main_process_port") + 1]) < 65536  # a free port: launches side by side
     tr = local_command("/x/c.yaml", 2, launcher="torchrun")
     assert "--nproc_per_node=2" in tr and tr[-1] == "/x/c.yaml"
 

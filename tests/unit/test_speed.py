@@ -96,3 +96,72 @@ def test_adaptive_checkpointing_finds_a_stack_not_named_layers_and_removes_its_h
         assert cb.counted == [1, 0]
         cb.on_train_end(None, None, None)
         assert not model.transformer._forward_pre_hooks
+
+
+def test_compiled_layers_checkpoint_at_least_one_layer_on_the_first_batch():
+    """Compiled layers have a graph for checkpointed layers and one for the others: both are compiled in step 1, even
+    when the first batch is short enough for adaptive checkpointing to checkpoint none (a later long batch would
+    otherwise compile the other graph in the middle of training)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for compiled, first in ((False, 0), (True, 1)):
+        cb = SelectiveCheckpointing(0.5, full_batch_tokens=40, compiled=compiled)
+        cb.on_train_begin(None, None, None, model=model)
+        checkpointed = []
+        for _ in range(2):
+            ids = torch.randint(0, 128, (2, 10))  # half a full batch: every layer may keep its activations
+            model(input_ids=ids, labels=ids).loss.backward()
+            checkpointed.append(sum(layer.gradient_checkpointing for layer in decoder_layers(model)))
+        cb.on_train_end(None, None, None)
+        assert checkpointed == [first, 0]
+
+
+def tiny_apertus(attn="sdpa"):
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    cfg = ApertusConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, vocab_size=128, attn_implementation=attn)
+    torch.manual_seed(0)
+    return ApertusForCausalLM(cfg)
+
+
+def test_a_batch_without_padding_gets_the_causal_mask_a_padded_batch_would():
+    from lexfine.speed import CausalMasks
+
+    model = tiny_apertus()
+    hidden = torch.zeros(3, 5, 32)
+    mask = CausalMasks(model.config).causal(hidden, None)
+    assert mask.dtype == torch.bool and mask.shape == (3, 1, 5, 5)
+    assert torch.equal(mask[:, 0], torch.ones(5, 5, dtype=torch.bool).tril().expand(3, 5, 5))
+    assert CausalMasks(model.config).causal(hidden, None) is not None
+    assert CausalMasks(tiny_apertus("eager").config).causal(hidden, None) is None  # sdpa only
+
+
+def test_compiled_layers_share_a_graph_with_and_without_padding_and_learn_the_same():
+    """Padded and unpadded batches, and a length equal to the hidden size (32), go through one graph per layer input
+    kind; the losses are those of the eager model."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lexfine.speed import compile_decoder_layers, uncompile_decoder_layers
+
+    model = tiny_apertus().train()
+    batches = []
+    for lengths in ([32, 32, 32], [20, 17, 9], [12, 12, 12], [30, 8, 8]):
+        ids = torch.randint(0, 128, (3, max(lengths)))
+        att = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            att[i, :n] = 1
+        batches.append(dict(input_ids=ids, attention_mask=att, labels=ids.masked_fill(att == 0, -100)))
+    eager = [model(**b, use_cache=False).loss.item() for b in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model, backend="eager")
+    try:
+        compiled = [model(**b, use_cache=False).loss.item() for b in batches]
+    finally:
+        uncompile_decoder_layers(model)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert counters["frames"]["total"] == 1  # both layers, every batch (before: 3, duck sizing and the None mask)

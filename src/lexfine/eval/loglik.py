@@ -219,8 +219,6 @@ def compiled_layers(model, backend: str | None = None):
     side of the eager KV-cache update): their attention modules' `layer_idx` is None meanwhile (the cache counts
     layers itself, CacheUpdatedOutsideGraphs), and batches have at least 2 rows (score_cases), so that no graph is
     specialised to one row."""
-    import torch.fx.experimental._config
-
     from lexfine.speed import compile_decoder_layers, decoder_layers, uncompile_decoder_layers
 
     backend = backend or ("inductor" if next(model.parameters()).device.type == "cuda" else "aot_eager")
@@ -230,11 +228,9 @@ def compiled_layers(model, backend: str | None = None):
     saved = [(m, m.layer_idx) for m in indexed] if hidden else []
     for m, _ in saved:
         m.layer_idx = None
-    n = compile_decoder_layers(model, backend=backend)
-    try:
-        # No "duck sizing": a batch of as many rows as there are heads would otherwise tie the two sizes together.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            yield n
+    n = compile_decoder_layers(model, backend=backend)  # compiled without "duck sizing" (lexfine.speed): a batch
+    try:                                                # of as many rows as there are heads stays its own size
+        yield n
     finally:
         uncompile_decoder_layers(model)
         for m, idx in saved:

@@ -99,6 +99,7 @@ def build_args(cfg: RunConfig, rd: RunDir):
     import torch
     from trl import SFTConfig
 
+    from lexfine.train.speed import pad_to_multiple_of
     from lexfine.train.strategies import training_fields
 
     t = cfg.train
@@ -140,7 +141,7 @@ def build_args(cfg: RunConfig, rd: RunDir):
         max_length=None,
         packing=False,
         padding_free=t.padding_free,
-        pad_to_multiple_of=None,
+        pad_to_multiple_of=pad_to_multiple_of(cfg),
         completion_only_loss=None,
         remove_unused_columns=True,
         disable_tqdm=not is_main_process(),

@@ -32,7 +32,7 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
         from lexfine.kernels.xielu import patch_xielu
 
         fused = patch_xielu(model, backend=backend)
-    compile_layers = t.compile_layers if t.compile_layers is not None else cuda and cfg.launch.strategy in ("none", "ddp")
+    compile_layers = compiles_layers(cfg)
     if compile_layers:
         log.info("compiling %d decoder layers with torch.compile", compile_decoder_layers(model, backend=backend))
     fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
@@ -46,10 +46,29 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
             fraction = 1.0
         else:
             callbacks.append(SelectiveCheckpointing(fraction, full_batch_tokens=t.batch_size * t.max_length
-                                                    if adaptive else None))
+                                                    if adaptive else None, compiled=bool(compile_layers)))
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
-               "adaptive_checkpointing": adaptive}
+               "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg)}
     return callbacks, applied
+
+
+def compiles_layers(cfg) -> bool:
+    """Whether the run compiles its decoder layers: train.compile_layers, or (null) with a CUDA GPU under
+    launch.strategy none/ddp."""
+    t = cfg.train
+    if t.compile_layers is not None:
+        return t.compile_layers
+    return torch.cuda.is_available() and cfg.launch.strategy in ("none", "ddp")
+
+
+def pad_to_multiple_of(cfg) -> int | None:
+    """TRL's pad_to_multiple_of for the run (None: pad to the longest of the batch). train.pad_to_multiple_of, or
+    (null) 8 with compiled layers; never with padding_free (one packed row, no padding to align)."""
+    t = cfg.train
+    if t.padding_free:
+        return None
+    m = t.pad_to_multiple_of if t.pad_to_multiple_of is not None else (8 if compiles_layers(cfg) else 1)
+    return m if m > 1 else None
 
 
 def decoder_stack(model, first_layer):
@@ -89,9 +108,13 @@ class SelectiveCheckpointing(TrainerCallback):
     shorter batch (layers_to_checkpoint), so the peak stays that of a full batch while most steps recompute less.
     """
 
-    def __init__(self, fraction: float, full_batch_tokens: int | None = None):
+    def __init__(self, fraction: float, full_batch_tokens: int | None = None, compiled: bool = False):
         self.fraction = fraction
         self.full_batch_tokens = full_batch_tokens
+        # Compiled layers have one graph for checkpointed layers and one for the others. A short first batch would
+        # checkpoint none and leave the first long batch, any step later, to compile the other one: the first batch
+        # checkpoints at least one layer (only compute: checkpointing more never raises the peak).
+        self.compiled = compiled
         self.layers: list = []
         self.at_full_batch = 0
         self.counted = [0, 0]  # batches, checkpointed layers over them
@@ -123,6 +146,8 @@ class SelectiveCheckpointing(TrainerCallback):
         if x is None:
             return
         k = layers_to_checkpoint(len(self.layers), self.at_full_batch, x.shape[0] * x.shape[1], self.full_batch_tokens)
+        if self.compiled and self.counted[0] == 0 and self.at_full_batch > 0:
+            k = max(k, 1)
         self.checkpoint(k)
         self.counted[0] += 1
         self.counted[1] += k

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from multigpu import descendants  # noqa: E402  (the benchmark's process-tree walk, shared)
+
 # A dry run of the multi-GPU tests' logic on a CPU: 2 gloo processes under torchrun, a tiny Apertus, DeepSpeed on its
 # CPU accelerator where installed (tests/cpu_shim). Not a measurement of anything a GPU does.
 ON_CPU = os.environ.get("LEXFINE_MGPU_ON_CPU") == "1"
@@ -106,23 +109,6 @@ def record(test: str, run: Run, **extra) -> None:
            "peak_gpu_memory_gib": m.get("peak_gpu_memory_gib"), "save_s": m.get("save_s"), **extra}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
 
 
 def kill_tree(pid: int, sig=signal.SIGKILL) -> list[int]:

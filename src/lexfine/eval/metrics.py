@@ -152,3 +152,12 @@ def breakdown(gold: list[str], pred: list[str | None], groups: list, labels: lis
         out[key] = {"n": len(idx), "accuracy": accuracy(g, p), "macro_f1": macro_f1_present(g, p, labels),
                     "classes_present": len(set(g)), "balanced_accuracy": balanced_accuracy(g, p, labels), "majority_baseline": maj}
     return out
+
+
+def top_answer_share(counts: object) -> float | None:
+    """Share of the most frequent answer among the predictions ({"A": 0, "D": 1651, "none": 0} -> ~0.998)."""
+    if not isinstance(counts, dict):
+        return None
+    values = [float(v) for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    total = sum(values)
+    return max(values) / total if values and total > 0 else None

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from lexfine.eval.metrics import top_answer_share
+
 CURVE_COLUMNS = ("step", "loss", "tokens", "lr", "elapsed_s")
 
 
@@ -137,15 +139,6 @@ def headline(summary: dict) -> dict[str, float]:
     if share is not None and "top_answer_share" not in out:
         out["top_answer_share"] = share
     return out
-
-
-def top_answer_share(counts: Any) -> float | None:
-    """Share of the most frequent answer among the predictions ({"A": 0, "D": 1651, "none": 0} -> ~0.998)."""
-    if not isinstance(counts, dict):
-        return None
-    values = [float(v) for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    total = sum(values)
-    return max(values) / total if values and total > 0 else None
 
 
 def throughput_from_curve(curve: pd.DataFrame) -> float | None:

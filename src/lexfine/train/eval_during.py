@@ -139,7 +139,7 @@ def score(model, prepared: list[Prepared], info: dist.DistInfo, batch_size: int 
     """{"eval/<task>[/<split>]/<metric>": value} for every task; the same on every rank."""
     from lexfine.eval.loglik import predict, score_cases
     from lexfine.eval.runner import batch_limits, build_summary, model_device
-    from lexfine.report.runs import top_answer_share
+    from lexfine.eval.metrics import top_answer_share
 
     bs, cap = batch_limits("loglik", model_device(model), batch_size, None)
     values: dict = {}

@@ -58,6 +58,9 @@ def main(sources: list[str]) -> None:
     published = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, src in enumerate(sources):
+            if not Path(src).exists():
+                sys.exit(f"publish.py: {src} does not exist (give the runs.tgz a device call brought back, or a "
+                         "sweep directory)")
             scratch = Path(tmp) / str(i)
             scratch.mkdir()
             for run in run_dirs(Path(src), scratch):

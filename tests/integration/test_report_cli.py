@@ -36,7 +36,8 @@ def test_cli_smoke(tmp_path):
     assert Path(last) == out / "report.md" and Path(last).is_file()
     f = json.loads((out / "findings.json").read_text())["groups"]["8B-random"]
     assert f["settings"] == {"smooth_last": 10, "rank_tolerance": 0.005, "max_lexam_drop_points": 3.0,
-                             "rise_margin": 0.02, "spike_ratio": 0.5}
+                             "rise_margin": 0.02, "spike_ratio": 0.5, "collapse_share": 0.9,
+                             "min_lrs_for_rank_claims": 3}
     assert f["best_lr"] == {"full": 1e-5, "lora": {"8": 1e-3}}
     assert f["lr_ratio_lora_over_full"] == 100.0
     html = (out / "report.html").read_text()

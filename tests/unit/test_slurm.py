@@ -236,6 +236,29 @@ def test_torchrun_launcher_and_auto_port(tmp_path, monkeypatch):
         assert argv[-3] == "lexfine.train"
 
 
+def test_launcher_beside_an_absolute_python_is_used(tmp_path, monkeypatch):
+    """A venv the job never activates: profile.python=/venv/bin/python picks /venv/bin/accelerate, not the
+    `accelerate` first on PATH (which would be another environment's, or none)."""
+    from tests.slurm_fakes import _write, RECORDER
+
+    fakes = install(tmp_path, recorders=("accelerate",))  # the one on PATH: must not be called
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    _write(venv / "python", "TOOL = 'venv-python'\n" + RECORDER)
+    _write(venv / "accelerate", "TOOL = 'venv-accelerate'\n" + RECORDER)
+    monkeypatch.setenv("PATH", fakes.env()["PATH"])
+    sw, prof, sp, pp = make(tmp_path, profile={"python": str(venv / "python")})
+    rec = submit(sw, prof, dry_run=True, workdir=str(tmp_path), echo=lambda s: None)[0]
+    run_script(Path(rec["script"]), fakes, tmp_path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="nid[001-002]")
+    assert {c["env"]["SLURM_NODEID"] for c in fakes.calls("venv-accelerate")} == {"0", "1"}
+    assert fakes.calls("accelerate") == []
+    # a bare `python` keeps the launcher on the job's PATH
+    (tmp_path / "plain").mkdir()
+    sw, prof, sp, pp = make(tmp_path / "plain")
+    rec = submit(sw, prof, dry_run=True, workdir=str(tmp_path), echo=lambda s: None)[0]
+    assert "exec accelerate launch" in Path(rec["script"]).read_text()
+
+
 def test_single_gpu_runs_python_directly(tmp_path, monkeypatch):
     fakes = install(tmp_path)
     py = fakes.recorder("fakepython")

@@ -84,7 +84,8 @@ class SlurmProfile(_Strict):
     requeue: bool = True
     """#SBATCH --requeue, and requeue the job after a preemption checkpoint."""
     python: str = "python"
-    """Python inside the job's environment."""
+    """Python inside the job's environment. An absolute path (e.g. /scratch/me/venv/bin/python) also picks the
+    `accelerate` / `torchrun` beside it, so the jobs need no activated environment."""
     lexfine: str = "lexfine"
     """The lexfine command inside the job's environment (evaluation jobs)."""
     workdir: str | None = None

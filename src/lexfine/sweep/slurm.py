@@ -149,6 +149,15 @@ def srun_args(profile: SlurmProfile, nodes: int) -> list[str]:
     return [*args, *profile.srun_extra]
 
 
+def launcher_exe(profile: SlurmProfile, name: str) -> str:
+    """`accelerate` / `torchrun` of the job's environment: the one beside `profile.python` when that is a path
+    to an environment's python (a venv the job never activates), else the name found on the job's PATH."""
+    python = Path(profile.python)
+    if python.is_absolute() and (python.parent / name).is_file():
+        return str(python.parent / name)
+    return name
+
+
 def node_command(profile: SlurmProfile, cfg: Path, nodes: int, per_node: int, workdir: str,
                  accelerate_config: Path | None = None) -> str:
     """What `bash -c` runs on every node. $SLURM_NODEID, $MASTER_ADDR and $MASTER_PORT expand there."""
@@ -157,14 +166,14 @@ def node_command(profile: SlurmProfile, cfg: Path, nodes: int, per_node: int, wo
         cmd = [profile.python, *module]
         launch = " ".join(q(c) for c in cmd)
     elif profile.launcher == "torchrun":
-        launch = (f"torchrun --nnodes {nodes} --node_rank \"$SLURM_NODEID\" --nproc_per_node {per_node} "
+        launch = (f"{q(launcher_exe(profile, 'torchrun'))} --nnodes {nodes} --node_rank \"$SLURM_NODEID\" --nproc_per_node {per_node} "
                   f"--master_addr \"$MASTER_ADDR\" --master_port \"$MASTER_PORT\" " + " ".join(q(c) for c in module))
     else:
         if accelerate_config is None:
             from lexfine.train.launch import accelerate_config_path
 
             accelerate_config = accelerate_config_path("ddp")
-        launch = (f"accelerate launch --config_file {q(str(accelerate_config))} --num_machines {nodes} "
+        launch = (f"{q(launcher_exe(profile, 'accelerate'))} launch --config_file {q(str(accelerate_config))} --num_machines {nodes} "
                   f"--num_processes {nodes * per_node} --machine_rank \"$SLURM_NODEID\" "
                   f"--main_process_ip \"$MASTER_ADDR\" --main_process_port \"$MASTER_PORT\" "
                   + " ".join(q(c) for c in module))

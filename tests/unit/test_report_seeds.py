@@ -111,3 +111,22 @@ def test_runs_without_a_recorded_seed_are_no_seed_replicates(tmp_path):
         r.seed = None
     f = compute(runset, Settings())["groups"]
     assert next(iter(f.values()))["seed_noise"] is None
+
+
+def test_rank_saturation_lists_the_ranks_seed_noise_cannot_separate(tmp_path):
+    """r4 is 0.2% above the best rank (inside the 0.5% tolerance), r16 3% above: outside the tolerance, but with a
+    seed SD of 0.04 it is 0.4 seed SE away, so seed noise cannot tell it from the best. r64 is 40% above: apart."""
+    for rank, final in ((4, 0.501), (8, 0.50), (16, 0.515), (64, 0.70)):
+        for lr, bump in ((1e-4, 0.05), (1e-3, 0.0)):
+            write_run(tmp_path, name=f"r{rank}-{lr:g}", rank=rank, lr=lr, losses=loss_curve(final + bump))
+    write_run(tmp_path, name="r8-1e-4-s7", rank=8, lr=1e-4, seed=7, losses=loss_curve(0.55 + 0.04))  # the noise
+    f = _findings(tmp_path)
+    sat = f["rank_saturation"]
+    assert sat["ranks_within_tolerance"] == [4, 8]
+    assert sat["ranks_within_seed_noise"] == [4, 8, 16]
+
+
+def test_rank_saturation_without_replicates_says_seed_noise_was_not_measured(tmp_path):
+    for rank, final in ((4, 0.50), (16, 0.51)):
+        write_run(tmp_path, name=f"r{rank}", rank=rank, lr=1e-3, losses=loss_curve(final))
+    assert _findings(tmp_path)["rank_saturation"]["ranks_within_seed_noise"] is None

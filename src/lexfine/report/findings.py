@@ -20,7 +20,7 @@ from lexfine.report.divergence import DivergenceRule, divergence
 from lexfine.report.identity import differences
 from lexfine.report.resolution import best_lr_resolution, best_lr_rule, gap_resolution, gap_z, smoothed_final_loss_se
 from lexfine.report.runs import Run, RunSet, size_sort_key
-from lexfine.report.seeds import seed_noise
+from lexfine.report.seeds import seed_noise, seed_z
 from lexfine.report.select import LEXAM_KEYS, recommend
 
 __all__ = ["Settings", "compute", "to_json", "smoothed_final_loss", "is_diverged", "LEXAM_KEYS"]
@@ -195,6 +195,12 @@ def group_findings(runs: list[Run], size_base: dict, s: Settings) -> dict[str, A
             "all_at_or_above_within_tolerance": all(rk in within for rk in same if rk >= sat),
             "ranks": same,
             "ranks_left_out": [rk for rk in finite_ranks if rk not in same],  # not tried at the best rank's LRs
+            # ranks whose best loss is less than 2 seed standard errors above the best rank's: seed noise cannot
+            # tell them apart (None: seed noise not measured)
+            "ranks_within_seed_noise": None if noise is None else [
+                rk for rk in same if (seed_z(lora_best_loss[rk] - lora_best, noise,
+                                             members.get(("lora", rk, lora_best_lr[rk]), []),
+                                             members.get(("lora", best_rank, best_lora_lr), [])) or 0.0) < 2],
         }
 
     out: dict[str, Any] = {

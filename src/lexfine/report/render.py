@@ -138,7 +138,9 @@ def _findings_rows(f: dict) -> list[list[str]]:
                      + ("" if sat["all_at_or_above_within_tolerance"] else " (some higher ranks fall outside)")
                      + (f"; ranks compared: {', '.join(f'r{rk}' for rk in sat['ranks'])} (left out, not tried at "
                         f"the best rank's LRs: {', '.join(f'r{rk}' for rk in sat['ranks_left_out'])})"
-                        if sat.get("ranks_left_out") else "")])
+                        if sat.get("ranks_left_out") else "")
+                     + (f"; within 2 seed SE of the best rank: {', '.join(f'r{rk}' for rk in sat['ranks_within_seed_noise'])}"
+                        if sat.get("ranks_within_seed_noise") is not None else "")])
     rows.append(["Diverged runs", ", ".join(f"{n} ({f['runs'][n]['divergence']})" for n in f["diverged"]) or "none"])
     rec = f["recommended"]
     rows.append(["Recommended", f"**{rec['run']}**: {rec['why']}" if rec["run"] else rec["why"]])

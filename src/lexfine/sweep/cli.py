@@ -107,7 +107,16 @@ def run(
                                      "per run x N vs the GPU's memory (docs/slurm.md)."),
     gpu_memory_per_run: Optional[float] = typer.Option(None, "--gpu-memory-per-run", min=0.1, help="GiB one run "
                                                        "needs (e.g. a measured peak_gpu_memory_gib), instead of "
-                                                       "the estimate, for the --runs-per-gpu check."),
+                                                       "the estimate, for the --runs-per-gpu check and the "
+                                                       "free-memory gate: a job starts only on a GPU with that much "
+                                                       "memory free (nvidia-smi), else it waits."),
+    gpu_wait: float = typer.Option(10.0, "--gpu-wait", min=0.0, help="GPU packing: minutes a job may wait for a "
+                                   "GPU with --gpu-memory-per-run GiB free while nothing of the sweep runs (other "
+                                   "processes hold the memory) before it fails with the reason."),
+    retries: int = typer.Option(1, "--retries", min=0, help="Automatic retries of a run whose training failed "
+                                "with a transient GPU failure (CUDA out of memory, cuDNN/cuBLAS allocation "
+                                "failures); it resumes from its last checkpoint. 0: none. Other failures are "
+                                "never retried."),
     retry_failed: bool = typer.Option(True, "--retry-failed/--skip-failed", help="Train runs that failed before again."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Train only; skip the evaluations."),
     in_process: bool = typer.Option(False, "--in-process", help="Train and evaluate in this process, one run "
@@ -123,8 +132,11 @@ def run(
     packing: --gpus auto|none|0,1 (one process per run, each with its own CUDA_VISIBLE_DEVICES; a run with
     launch.num_processes=k takes k GPUs), --runs-per-gpu N (N runs side by side per GPU; refused when N x the
     estimated peak memory of a run exceeds the GPU's), --gpu-memory-per-run GiB (a measured peak instead of the
-    estimate), --progress-every S; evaluations run as jobs of their own on free GPUs. Completed runs are skipped,
-    incomplete ones resume from their last checkpoint, failures are listed at the end (exit code 1). Ctrl-C or
+    estimate; with it, or with the estimate, a job starts only where nvidia-smi says that much is free, waiting up to
+    --gpu-wait minutes while nothing of the sweep runs), --progress-every S; evaluations run as jobs of their own on
+    free GPUs. --retries N (default 1): a training that fails with a transient GPU failure (CUDA out of memory,
+    cuDNN/cuBLAS allocation failures) is queued again and resumes from its last checkpoint. Completed runs are
+    skipped, incomplete ones resume from their last checkpoint, failures are listed at the end (exit code 1). Ctrl-C or
     SIGTERM: running trainings save a checkpoint and stop (exit code 75; run the same command to resume)."""
     from lexfine.errors import EXIT_INTERRUPTED
 
@@ -148,10 +160,12 @@ def run(
 
             outcomes = run_packed(sweep, devices, runs_per_gpu, only=chosen, retry_failed=retry_failed,
                                   evaluate=not no_eval, launcher=launcher, gpu_memory_per_run=gpu_memory_per_run,
-                                  progress_s=progress_every, echo=typer.echo)
+                                  progress_s=progress_every, echo=typer.echo, retries=retries,
+                                  gpu_wait_s=gpu_wait * 60)
         else:
             outcomes = run_sweep(sweep, only=chosen, retry_failed=retry_failed, evaluate=not no_eval,
-                                 in_process=in_process, launcher=launcher, verbose=verbose, echo=typer.echo)
+                                 in_process=in_process, launcher=launcher, verbose=verbose, echo=typer.echo,
+                                 retries=retries)
     except LexfineError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -7,8 +7,12 @@ else torch.cuda.device_count(); none (a CPU machine) means the sequential runner
 nvidia-smi is asked first so that the sweep runner never creates a CUDA context of its own (that would hold
 ~0.5 GiB on GPU 0 for the whole sweep).
 
+`free_memory()` asks nvidia-smi (again without a CUDA context) how much memory each GPU has free right now: the
+packed runner's free-memory gate (sweep/gate.py) starts nothing on a GPU that other processes have filled.
+
 Testing hook: LEXFINE_FAKE_GPUS="0:80,1:80" (id:GiB, comma-separated) replaces the detection, so that the
-scheduler runs real processes on a CPU machine (they get CUDA_VISIBLE_DEVICES and ignore it).
+scheduler runs real processes on a CPU machine (they get CUDA_VISIBLE_DEVICES and ignore it); "0:80:5.5" (id:GiB:free
+GiB) also fakes the free memory (unknown, so never waited for, when left out).
 """
 
 from __future__ import annotations
@@ -35,25 +39,33 @@ def _fake(spec: str) -> list[Gpu]:
     out = []
     for item in spec.split(","):
         gid, _, mem = item.strip().partition(":")
+        mem = mem.partition(":")[0]
         if gid:
             out.append(Gpu(gid, float(mem) if mem else 80.0, "fake GPU"))
     return out
 
 
-def _nvidia_smi() -> list[Gpu] | None:
+def _query(fields: str) -> list[list[str]] | None:
+    """nvidia-smi --query-gpu=<fields> as rows of stripped strings; None when it cannot tell."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None
     try:
-        res = subprocess.run([exe, "--query-gpu=index,uuid,memory.total,name", "--format=csv,noheader,nounits"],
+        res = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if res.returncode != 0:
         return None
+    return [[p.strip() for p in line.split(",")] for line in res.stdout.splitlines() if line.strip()]
+
+
+def _nvidia_smi() -> list[Gpu] | None:
+    rows = _query("index,uuid,memory.total,name")
+    if rows is None:
+        return None
     gpus = []
-    for line in res.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
+    for parts in rows:
         if len(parts) >= 4:
             try:
                 gpus.append(Gpu(parts[0], float(parts[2]) / 1024, ",".join(parts[3:])))  # MiB -> GiB
@@ -72,6 +84,28 @@ def _torch() -> list[Gpu]:
                 for i in range(n)]
     except Exception:
         return []
+
+
+def free_memory() -> dict[str, float]:
+    """GiB free now on each GPU, by index and by UUID (both name it in CUDA_VISIBLE_DEVICES); GPUs it cannot tell
+    (no nvidia-smi, MIG slices, "[N/A]") are absent: the gate lets runs start there, as before it existed."""
+    fake = os.environ.get(FAKE_ENV)
+    if fake is not None:
+        out = {}
+        for item in fake.split(","):
+            parts = item.strip().split(":")
+            if len(parts) >= 3 and parts[0] and parts[2]:
+                out[parts[0]] = float(parts[2])
+        return out
+    out = {}
+    for parts in _query("index,uuid,memory.free") or []:
+        if len(parts) >= 3:
+            try:
+                free = float(parts[2]) / 1024  # MiB -> GiB
+            except ValueError:
+                continue
+            out[parts[0]] = out[parts[1]] = free
+    return out
 
 
 def inventory() -> list[Gpu]:

@@ -178,6 +178,8 @@ class Outcome:
     interrupted | failed | eval-failed; the sequential and the packed runner use the same words"""
     detail: str = ""
     seconds: float = 0.0
+    retries: int = 0
+    """Automatic retries after transient GPU failures (sweep/retry.py) in this invocation."""
 
 
 def _run_logged(cmd: list[str], log: Path, verbose: bool, echo: Callable[[str], None]) -> int:
@@ -286,16 +288,19 @@ def _evaluate(sweep: Sweep, run: PlannedRun, in_process: bool, verbose: bool,
 
 def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_failed: bool = True,
               evaluate: bool = True, in_process: bool = False, launcher: str = "accelerate", verbose: bool = False,
-              echo: Callable[[str], None] = print) -> list[Outcome]:
+              echo: Callable[[str], None] = print, retries: int = 1, retry_delay_s: float = 30.0) -> list[Outcome]:
     """Train and evaluate the sweep's runs one after another: completed runs are skipped, incomplete ones resume
-    from their last checkpoint, a failure is recorded and the sweep goes on. Returns one Outcome per run."""
+    from their last checkpoint, a failure is recorded and the sweep goes on; a transient GPU failure (sweep/retry.py)
+    is retried `retries` times, `retry_delay_s` later. Returns one Outcome per run."""
+    from lexfine.sweep.retry import plural, transient_reason
+
     prepare(sweep)
     runs = only if only is not None else sweep.runs
     outcomes: list[Outcome] = []
     for i, run in enumerate(runs, start=1):
         rd = RunDir(run.run_dir)
         head = f"[{i}/{len(runs)}] {run.name}"
-        t0 = time.perf_counter()
+        t0, n = time.perf_counter(), 0
         status = rd.status
         if status == "completed":
             state, detail = "skipped", "completed before"
@@ -317,7 +322,18 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
             echo(f"{head}: training ({'resuming from ' + ckpt.name if ckpt else run.describe()})")
             update_state(sweep.sweep_dir, run.run_id, status="running", runner="local")
             try:
-                ok, detail = _train(sweep, run, launcher, in_process, verbose, echo)
+                while True:
+                    ok, detail = _train(sweep, run, launcher, in_process, verbose, echo)
+                    reason = None if ok or n >= retries or detail.startswith(("diverged:", "locked:", "interrupted:")) \
+                        else transient_reason(1, rd.manifest().get("error"),
+                                              None if in_process else log_dir(sweep) / f"{run.run_id}.train.log")
+                    if reason is None or detail == RUNNING_ELSEWHERE:
+                        break
+                    n += 1
+                    total = int(read_state(sweep.sweep_dir).get(run.run_id, {}).get("retries") or 0) + 1
+                    update_state(sweep.sweep_dir, run.run_id, retries=total, retry_reason=reason)
+                    echo(f"{head}: retrying ({n}/{retries}) after transient failure: {reason}")
+                    time.sleep(retry_delay_s)  # the memory it lacked may be freed meanwhile
             except KeyboardInterrupt:
                 if rd.status in ("running", "planned"):
                     rd.set_status("interrupted", error="interrupted by the user (Ctrl-C); rerun to resume")
@@ -331,12 +347,15 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
             if not ok:
                 kind = detail.split(":", 1)[0] if detail.startswith(("diverged:", "locked:", "interrupted:")) \
                     else "failed"
+                if n:
+                    lines = detail.split("\n", 1)
+                    detail = "\n".join([lines[0] + f" (after {plural(n)})", *lines[1:]])
                 update_state(sweep.sweep_dir, run.run_id, status=rd.status,
                              error=detail.splitlines()[0] if kind == "failed" else None)
-                outcomes.append(Outcome(run, kind, detail, time.perf_counter() - t0))
+                outcomes.append(Outcome(run, kind, detail, time.perf_counter() - t0, n))
                 echo(f"{head}: FAILED: {detail}" if kind == "failed" else f"{head}: {detail}")
                 continue
-            state = "trained"
+            state, detail = "trained", f"completed after {plural(n)}" if n else ""
         if evaluate:
             fails = _evaluate(sweep, run, in_process, verbose, echo)
             if fails:
@@ -344,12 +363,13 @@ def run_sweep(sweep: Sweep, *, only: list[PlannedRun] | None = None, retry_faile
                 echo(f"{head}: evaluation FAILED: {detail}")
         dt = time.perf_counter() - t0
         update_state(sweep.sweep_dir, run.run_id, status=rd.status, error=detail if state == "eval-failed" else None)
-        outcomes.append(Outcome(run, state, detail, dt))
+        outcomes.append(Outcome(run, state, detail, dt, n if state in ("trained", "eval-failed") else 0))
         if state == "trained":
             m = rd.manifest()
             loss = m.get("final_loss")
             loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
-            echo(f"{head}: completed in {dt:.0f}s (steps {m.get('steps')}, final loss {loss})")
+            echo(f"{head}: completed in {dt:.0f}s{' after ' + plural(n) if n else ''} (steps {m.get('steps')}, "
+                 f"final loss {loss})")
     return outcomes
 
 
@@ -358,6 +378,11 @@ def summary(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         counts[o.state] = counts.get(o.state, 0) + 1
     line = f"{len(outcomes)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    retried = [o for o in outcomes if o.retries]
+    if retried:
+        line += "\nretried after transient GPU failures:\n" + "\n".join(
+            f"  {o.run.name} ({o.run.run_id}): {o.retries} retr{'y' if o.retries == 1 else 'ies'}, {o.state}"
+            for o in retried)
     bad = [o for o in outcomes if o.state in ("failed", "eval-failed")]
     if bad:
         line += "\nfailed:\n" + "\n".join(f"  {o.run.name} ({o.run.run_id}): {o.state}: {o.detail.splitlines()[0]}"

@@ -11,7 +11,11 @@ that job only.
 What a training process's exit code means (lexfine.errors): 0 completed (its evaluations are queued); 65 diverged
 (terminal, not retried, not an error); 73 locked by another live process (skipped, nothing marked); 75
 interrupted (resumable, left as is); anything else failed (a manifest still saying planned/running is marked
-failed with the log path).
+failed with the log path). A failure that is a transient GPU failure (sweep/retry.py: CUDA OOM, cuDNN/cuBLAS
+allocation failures) is queued again, up to `retries` times per run: the training resumes from its last checkpoint.
+
+When a job's GPU memory need is known, the free-memory gate (sweep/gate.py) starts it only on a GPU with that much
+memory free; otherwise it waits in the queue (or fails after the gate's timeout when nothing of the sweep runs).
 
 SIGINT/SIGTERM to the runner: no new job starts, SIGTERM goes to every running job's process group (training saves
 a checkpoint and stops: exit 75), the runner waits for them and returns; runs it stopped are `interrupted`, never
@@ -22,86 +26,22 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from lexfine.errors import ConfigError
 from lexfine.rundir import RunDir, now_iso
+from lexfine.sweep.gate import TIMEOUT_S, MemoryGate
+from lexfine.sweep.gpus import free_memory as gpus_free_memory
 from lexfine.sweep.grid import PlannedRun, Sweep
-from lexfine.sweep.local import (RUNNING_ELSEWHERE, Outcome, _error_line, _tail, classify_exit, eval_command, has_eval,
-                                 log_dir, missing_evals, prepare, read_state, train_command, update_state)
+from lexfine.sweep.jobs import Active, Job, Slots, _fmt, job_command
+from lexfine.sweep.local import (RUNNING_ELSEWHERE, Outcome, _error_line, _tail, classify_exit, has_eval, log_dir,
+                                 missing_evals, prepare, read_state, update_state)
+from lexfine.sweep.retry import plural, transient_reason
 
-
-@dataclass
-class Job:
-    run: PlannedRun
-    kind: str
-    """train | eval"""
-    entry: str | None = None
-    """The eval entry (`task` or `task:mode`) of an eval job."""
-    gpus_needed: int = 1
-    order: int = 0
-
-    @property
-    def log(self) -> str:
-        return "train" if self.kind == "train" else "eval-" + str(self.entry).replace(":", "_")
-
-
-@dataclass
-class Active:
-    job: Job
-    proc: subprocess.Popen
-    gpus: list[str]
-    log: Path
-    t0: float
-    signalled: int = 0
-
-
-class Slots:
-    """Free capacity per GPU. take(k) picks the k GPUs with the most free slots (one run per GPU before two)."""
-
-    def __init__(self, gpu_ids: list[str], per_gpu: int):
-        self.ids = list(gpu_ids)
-        self.free = {g: per_gpu for g in gpu_ids}
-
-    def take(self, k: int) -> list[str] | None:
-        ready = sorted((g for g in self.ids if self.free[g] > 0), key=lambda g: -self.free[g])
-        if len(ready) < k:
-            return None
-        chosen = sorted(ready[:k], key=self.ids.index)
-        for g in chosen:
-            self.free[g] -= 1
-        return chosen
-
-    def give(self, gpus: list[str]) -> None:
-        for g in gpus:
-            self.free[g] += 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def job_command(sweep: Sweep, job: Job, launcher: str) -> list[str]:
-    if job.kind == "eval":
-        return eval_command(job.run, job.entry)
-    cmd = train_command(sweep, job.run, launcher)
-    if "accelerate.commands.launch" in cmd:  # several launches on one host: each its own rendezvous port
-        i = cmd.index("accelerate.commands.launch") + 1
-        cmd[i:i] = ["--main_process_port", str(_free_port())]
-    return cmd
-
-
-def _fmt(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 @dataclass
@@ -115,10 +55,17 @@ class PackedRunner:
     progress_s: float = 60.0
     echo: Callable[[str], None] = print
     command: Callable[[Sweep, Job, str], list[str]] = job_command
+    gate: MemoryGate | None = None
+    retries: int = 1
+    """Automatic retries of a transient GPU failure per run (0: none)."""
+    retry_delay_s: float = 30.0
     queue: list[Job] = field(default_factory=list)
     active: list[Active] = field(default_factory=list)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     stopping: int = 0
+    retried: dict[str, int] = field(default_factory=dict)
+    waited: set[str] = field(default_factory=set)
+    blocked_since: float | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _head(self, run: PlannedRun) -> str:
@@ -180,25 +127,38 @@ class PackedRunner:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=self._env(gpus), start_new_session=True)
         self.active.append(Active(job, proc, gpus, log, time.perf_counter()))
+        self.waited.discard(job.key)
+        if self.gate:
+            self.gate.started(job.key, job.run.run_id, gpus)
         where = f"GPU {','.join(gpus)}" if len(gpus) == 1 else f"GPUs {','.join(gpus)}"
         if job.kind == "train":
             update_state(self.sweep.sweep_dir, job.run.run_id, status="running", runner="local", gpu=",".join(gpus),
-                         job="train")
+                         job="train", waiting=None)
             ckpt = RunDir(job.run.run_dir).latest_checkpoint()
             self._say(job.run, f"started on {where} ({'resuming from ' + ckpt.name if ckpt else job.run.describe()})")
         else:
-            update_state(self.sweep.sweep_dir, job.run.run_id, gpu=",".join(gpus), job=f"eval {job.entry}")
+            update_state(self.sweep.sweep_dir, job.run.run_id, gpu=",".join(gpus), job=f"eval {job.entry}",
+                         waiting=None)
             self._say(job.run, f"eval {job.entry} started on {where}")
 
     def _schedule(self, slots: Slots) -> None:
         busy = {a.job.run.run_id for a in self.active}
         self.queue.sort(key=lambda j: j.order)  # stable: a run's evaluations keep their order
+        now, blocked = time.perf_counter(), False
         for job in list(self.queue):
-            if job.run.run_id in busy:
+            if job.run.run_id in busy or job.not_before > now:
                 continue
-            gpus = slots.take(job.gpus_needed)
+            ok = None
+            if self.gate and job.run.run_id in self.gate.need:
+                self.gate.refresh()
+                ok = lambda g, rid=job.run.run_id: self.gate.fits(rid, g)  # noqa: E731
+            gpus = slots.take(job.gpus_needed, ok)
             if gpus is None:
-                break  # nothing behind it may jump a waiting multi-GPU run (it would wait forever)
+                if ok is not None and self._short_of_memory(job, slots):
+                    blocked = True
+                    if self._give_up(job):
+                        continue  # failed: the next one may fit
+                break  # nothing behind it may jump a waiting run (a multi-GPU run would wait forever)
             self.queue.remove(job)
             busy.add(job.run.run_id)
             try:
@@ -207,17 +167,63 @@ class PackedRunner:
                 slots.give(gpus)
                 self.outcomes[job.run.run_id] = Outcome(job.run, "failed", f"cannot start {job.kind}: {e}")
                 self._say(job.run, f"FAILED to start {job.kind}: {e}")
+        if not blocked or self.active:
+            self.blocked_since = None
+
+    def _short_of_memory(self, job: Job, slots: Slots) -> bool:
+        """Whether slots are free for `job` and only memory is missing; says so once per job."""
+        with_slot = [g for g in slots.ids if slots.free[g] > 0]
+        if len(with_slot) < job.gpus_needed:
+            return False
+        if job.key not in self.waited:
+            self.waited.add(job.key)
+            why = self.gate.why(job.run.name, job.run.run_id, with_slot)
+            what = "" if job.kind == "train" else f"eval {job.entry} "
+            self._say(job.run, f"{what}waiting: {why}")
+            update_state(self.sweep.sweep_dir, job.run.run_id, waiting=f"waiting for GPU memory: {why}")
+        return True
+
+    def _give_up(self, job: Job) -> bool:
+        """Fail `job` when nothing of the sweep has run and no GPU has had room for it for the gate's timeout."""
+        if self.active:
+            return False
+        now = time.perf_counter()
+        if self.blocked_since is None:
+            self.blocked_since = now
+        if now - self.blocked_since < self.gate.timeout_s:
+            return False
+        self.gate.refresh(force=True)
+        free = ", ".join(f"GPU {g} {self.gate.room(g):.1f} GiB" for g in self.gpu_ids if self.gate.room(g) is not None)
+        why = (f"not started: no GPU had {self.gate.need[job.run.run_id]:.1f} GiB free for "
+               f"{self.gate.timeout_s / 60:.0f} min while nothing of the sweep ran (free: {free}); other processes "
+               "hold the memory: free it (or give --gpu-memory-per-run, --gpu-wait), then run the sweep again")
+        self.queue.remove(job)
+        self.waited.discard(job.key)
+        if job.kind == "train":
+            self.outcomes[job.run.run_id] = Outcome(job.run, "failed", why)
+            update_state(self.sweep.sweep_dir, job.run.run_id, waiting=None, error=why)
+            self._say(job.run, f"FAILED: {why}")
+        else:
+            o = self.outcomes.setdefault(job.run.run_id, Outcome(job.run, "trained"))
+            o.state, o.detail = "eval-failed", "; ".join(x for x in (o.detail, f"eval {job.entry}: {why}") if x)
+            update_state(self.sweep.sweep_dir, job.run.run_id, waiting=None, error=o.detail)
+            self._say(job.run, f"eval {job.entry} FAILED: {why}")
+        return True
 
     def _finished_train(self, a: Active, code: int) -> None:
         run, rd = a.job.run, RunDir(a.job.run.run_dir)
         status, dt = rd.status, time.perf_counter() - a.t0
         kind = classify_exit(code, status, bool(self.stopping))
+        n = self.retried.get(run.run_id, 0)
+        after = f" after {plural(n)}" if n else ""
+        if kind == "failed" and self._retry(a, code, rd):
+            return
         if kind == "completed":
             m = rd.manifest()
             loss = m.get("final_loss")
             loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
-            self.outcomes[run.run_id] = Outcome(run, "trained", "", dt)
-            self._say(run, f"completed in {dt:.0f}s (steps {m.get('steps')}, final loss {loss})")
+            self.outcomes[run.run_id] = Outcome(run, "trained", f"completed{after}" if n else "", dt, n)
+            self._say(run, f"completed in {dt:.0f}s{after} (steps {m.get('steps')}, final loss {loss})")
             self._enqueue_evals(run)
         elif kind == "diverged":
             self.outcomes[run.run_id] = Outcome(run, "diverged", _error_line(rd, "non-finite loss"), dt)
@@ -238,12 +244,31 @@ class PackedRunner:
                 rd.set_status("failed", error=f"training process exited with code {code}; log: {a.log}")
             if code != 0:
                 detail = _error_line(rd, f"exit code {code}")
-            self.outcomes[run.run_id] = Outcome(run, "failed", f"{detail} (log: {a.log})", dt)
+            self.outcomes[run.run_id] = Outcome(run, "failed", f"{detail} (log: {a.log}){after}", dt, n)
             tail = _tail(a.log, 4)
-            self._say(run, f"FAILED after {dt:.0f}s: {detail} (log: {a.log})" + (f"\n{tail}" if tail else ""))
+            self._say(run, f"FAILED after {dt:.0f}s{after}: {detail} (log: {a.log})" + (f"\n{tail}" if tail else ""))
         update_state(self.sweep.sweep_dir, run.run_id, status=rd.status, gpu=None, job=None,
                      error=(self.outcomes[run.run_id].detail.splitlines()[0]
                             if self.outcomes[run.run_id].state == "failed" else None))
+
+    def _retry(self, a: Active, code: int, rd: RunDir) -> bool:
+        """Queue a training that failed transiently (sweep/retry.py) again, while retries are left: it resumes."""
+        run, n = a.job.run, self.retried.get(a.job.run.run_id, 0)
+        if self.stopping or n >= self.retries:
+            return False
+        if rd.status in (None, "planned", "running"):  # killed before it could say so
+            rd.set_status("failed", error=f"training process exited with code {code}; log: {a.log}")
+        reason = transient_reason(code, rd.manifest().get("error"), a.log)
+        if reason is None:
+            return False
+        self.retried[run.run_id] = n + 1
+        self.queue.append(Job(run, "train", None, a.job.gpus_needed, a.job.order,
+                              time.perf_counter() + self.retry_delay_s))
+        total = int(read_state(self.sweep.sweep_dir).get(run.run_id, {}).get("retries") or 0) + 1
+        update_state(self.sweep.sweep_dir, run.run_id, status=rd.status, gpu=None, job=None, error=None,
+                     retries=total, retry_reason=reason)
+        self._say(run, f"retrying ({n + 1}/{self.retries}) after transient failure: {reason}")
+        return True
 
     def _finished_eval(self, a: Active, code: int) -> None:
         run, entry, dt = a.job.run, a.job.entry, time.perf_counter() - a.t0
@@ -267,6 +292,8 @@ class PackedRunner:
                 continue
             self.active.remove(a)
             slots.give(a.gpus)
+            if self.gate:
+                self.gate.ended(a.job.key)
             (self._finished_train if a.job.kind == "train" else self._finished_eval)(a, code)
 
     def _signal(self, signum, frame) -> None:
@@ -324,22 +351,35 @@ class PackedRunner:
 def run_packed(sweep: Sweep, gpus: list, runs_per_gpu: int = 1, *, only: list[PlannedRun] | None = None,
                retry_failed: bool = True, evaluate: bool = True, launcher: str = "accelerate",
                gpu_memory_per_run: float | None = None, progress_s: float = 60.0, poll_s: float = 0.5,
-               echo: Callable[[str], None] = print, command=job_command) -> list[Outcome]:
+               echo: Callable[[str], None] = print, command=job_command, retries: int = 1,
+               retry_delay_s: float = 30.0, gpu_wait_s: float = TIMEOUT_S,
+               free_memory: Callable[[], dict[str, float]] | None = None, settle_s: float = 90.0) -> list[Outcome]:
     """Train and evaluate the sweep's runs on `gpus` (gpus.Gpu), `runs_per_gpu` at a time on each. Refuses before
-    anything starts what does not fit (memory.check_fit when runs_per_gpu > 1). Returns one Outcome per run."""
+    anything starts what does not fit (memory.check_fit when runs_per_gpu > 1). A job whose memory need is known
+    (`gpu_memory_per_run`, or check_fit's estimate) starts only where that much is free (`free_memory`: GPU id ->
+    GiB free, default nvidia-smi's), waiting up to `gpu_wait_s` while nothing of the sweep runs; a transient GPU
+    failure is retried `retries` times, `retry_delay_s` later. Returns one Outcome per run."""
     from lexfine.sweep.memory import check_fit
 
     if runs_per_gpu < 1:
         raise ConfigError(f"--runs-per-gpu {runs_per_gpu}: give 1 or more")
+    if retries < 0:
+        raise ConfigError(f"--retries {retries}: give 0 (no automatic retries) or more")
     prepare(sweep)
     for rid, row in read_state(sweep.sweep_dir).items():  # a runner killed earlier may have left them
-        if row.get("gpu") or row.get("job"):
-            update_state(sweep.sweep_dir, rid, gpu=None, job=None)
+        if row.get("gpu") or row.get("job") or row.get("waiting"):
+            update_state(sweep.sweep_dir, rid, gpu=None, job=None, waiting=None)
     runner = PackedRunner(sweep, [g.id for g in gpus], runs_per_gpu, launcher, evaluate, poll_s, progress_s, echo,
-                          command)
+                          command, retries=retries, retry_delay_s=retry_delay_s)
     runs = only if only is not None else sweep.runs
     to_train = runner.plan(runs, retry_failed)
-    check_fit(to_train, gpus, runs_per_gpu, gpu_memory_per_run)
+    need = check_fit(to_train, gpus, runs_per_gpu, gpu_memory_per_run)
+    if gpu_memory_per_run is not None:
+        need = {r.run_id: gpu_memory_per_run for r in runs}
+    if need:
+        source = "given by --gpu-memory-per-run" if gpu_memory_per_run is not None else "estimated"
+        runner.gate = MemoryGate(need, free_memory or gpus_free_memory, gpu_wait_s, settle_s,
+                                 refresh_s=min(5.0, 10 * poll_s), source=source)
     echo(f"{len(gpus)} GPU(s) ({','.join(g.id for g in gpus)}) x {runs_per_gpu} run(s) each: "
          f"{len(to_train)} to train, {sum(j.kind == 'eval' for j in runner.queue)} evaluations queued")
     return runner.loop()

@@ -1,5 +1,6 @@
 """`lexfine sweep status`: one row per run, read from its run directory (plus job ids from sweep.jsonl, and the GPU
-a packed local sweep runs each job on: a `gpu` column while one runs).
+a packed local sweep runs each job on: a `gpu` column while one runs). Under the table: the error of each failed
+run, what a job waits for (GPU memory), and the runs that were retried after a transient GPU failure.
 
     run                        state      steps    final loss  sjp-loglik  lexam_mcq4-loglik  wall time  job
     tiny-lora-r8-lr1e-4-...    completed  2/2      2.1034      0.612       0.305              0:00:41    -
@@ -86,6 +87,8 @@ def collect(sweep: Sweep, query_slurm: bool = True) -> list[dict]:
             "job_id": job, "eval_job_id": st.get("eval_job_id"), "gpu": st.get("gpu"), "local_job": st.get("job"),
             "error": m.get("error") if status == "failed" else (
                 "no live process holds the run's lock (killed?): rerun to resume" if status == "dead" else None),
+            "retries": int(st.get("retries") or 0), "retry_reason": st.get("retry_reason"),
+            "waiting": st.get("waiting"),
             "run_dir": str(run.run_dir),
         })
     return rows
@@ -120,6 +123,12 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         if r.get("error"):
             lines.append(f"  {r['run_id']}: {str(r['error']).splitlines()[0][:200]}")
+        if r.get("waiting"):
+            lines.append(f"  {r['run_id']}: {str(r['waiting'])[:240]}")
+        if r.get("retries"):
+            n = r["retries"]
+            lines.append(f"  {r['run_id']}: {r['state']} after {n} retr{'y' if n == 1 else 'ies'} "
+                         f"(transient GPU failure: {str(r.get('retry_reason') or '?')[:160]})")
     return "\n".join(lines)
 
 

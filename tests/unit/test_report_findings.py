@@ -261,3 +261,20 @@ def test_a_recommendation_no_better_than_the_majority_class_says_so(tmp_path):
     assert rec["majority_class_level"] == pytest.approx(0.786 / 1.786)
     assert rec["above_majority_class"] is False
     assert "not distinguishable" in rec["why"]
+
+
+def test_the_recommendation_lists_the_candidates_inside_its_ci(tmp_path):
+    """Selection picks the highest validation score, but runs scoring inside its 95% CI are not worse on this
+    evidence: the recommendation names them (best first) and says the choice among them is not resolved."""
+    for name, lr, f1, ci in (("best", 3e-4, 0.572, [0.526, 0.618]), ("near", 1e-4, 0.555, [0.51, 0.60]),
+                             ("tie-low", 1e-5, 0.526, [0.48, 0.57]), ("far", 1e-3, 0.50, [0.46, 0.54])):
+        d = write_run(tmp_path, name=name, rank=8, lr=lr, losses=loss_curve(0.7))
+        summary = d / "eval" / "sjp-validation-loglik" / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"accuracy": 0.8, "macro_f1": f1, "macro_f1_ci95": ci, "n": 575,
+                                       "majority_baseline": 0.786}))
+    rec = _findings(tmp_path)["recommended"]
+    assert rec["run"].startswith("best")
+    assert [x["run"].split("-")[0] for x in rec["within_ci"]] == ["near", "tie"]
+    assert rec["within_ci"][0]["task_metric_validation"] == pytest.approx(0.555)
+    assert "2 other candidate(s) score inside its 95% CI" in rec["why"]

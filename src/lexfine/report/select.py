@@ -68,6 +68,18 @@ def base_lexam(run: Run, key: str, group_runs: list[Run], size_base: dict) -> fl
     return None
 
 
+def _within_ci(chosen: Run, cands: list[Run], key: str, metric: str, info: dict[str, dict]) -> list[dict] | None:
+    """The other candidates whose validation score lies inside the chosen run's 95% CI (best first): the selection
+    cannot tell them from it. None when the chosen run's summary carries no CI."""
+    low = chosen.evals.get(key, {}).get(f"{metric}_ci95_low")
+    if low is None:
+        return None
+    return [{"run": r.name, "method": r.method, "rank": r.rank, "lr": r.lr,
+             "task_metric_validation": info[r.name]["task_metric_validation"]}
+            for r in sorted(cands, key=lambda r: (-info[r.name]["task_metric_validation"], r.name))
+            if r is not chosen and info[r.name]["task_metric_validation"] >= low]
+
+
 def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base: dict, max_drop: float,
               describe: str, collapse_share: float = 0.9) -> tuple[dict, dict, dict[str, dict]]:
     mode = next((m for m in MODES if _sjp_key(runs, "validation", m) or _sjp_key(runs, "test", m)), None)
@@ -152,6 +164,12 @@ def recommend(runs: list[Run], ok: list[Run], final: dict[str, float], size_base
             if low is not None and low <= trivial:
                 out["why"] += (f"; its 95% CI (low {low:.4f}) includes the {metric} of always answering the majority "
                                f"class ({trivial:.4f}): on validation it is not distinguishable from that")
+        out["within_ci"] = _within_ci(r, cands, sel_key, metric, info)
+        if out["within_ci"]:
+            shown = ", ".join(f"{x['run']} ({x['task_metric_validation']:.4f})" for x in out["within_ci"][:5])
+            more = len(out["within_ci"]) - 5
+            out["why"] += (f"; {len(out['within_ci'])} other candidate(s) score inside its 95% CI, so the choice "
+                           f"among them is not resolved: {shown}" + (f" and {more} more" if more > 0 else ""))
         return out, retention, info
     tested = [r for r in ok if "task_metric_test" in info[r.name]]
     if tested:

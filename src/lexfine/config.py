@@ -57,7 +57,8 @@ class LoraArgs(Section):
     (bitsandbytes; double quantization and bfloat16 compute dtype), int8 in 8-bit; the adapters train as usual and
     save as a normal adapter that loads onto the bf16 base (export and eval use the bf16 base). Needs method=lora,
     the bitsandbytes package and a device it supports (CUDA; a CPU too where the installed bitsandbytes supports
-    it: 0.50 does); not with launch.strategy zero3/fsdp2 nor random: models (docs/performance.md, QLoRA).
+    it: 0.50 does); not with launch.strategy zero3/fsdp2. random: models are built quantized one layer at a time
+    (for speed and memory measurements; they need eval=[]) (docs/performance.md, QLoRA).
     none: the base in model_args.dtype."""
 
 

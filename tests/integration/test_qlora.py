@@ -115,3 +115,38 @@ def test_qlora_trains_and_its_adapter_loads_onto_the_bf16_base(tiny_config, tiny
     q = peft.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q.base_layer).__name__ == "Linear" and q.base_layer.weight.dtype == torch.bfloat16
     assert q.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_a_random_architecture_trains_quantized_without_being_built_in_bf16(tiny_config):
+    """model=random:<arch> with lora.quantize=nf4: the decoder layers are built one at a time and quantized at once
+    (the 70B case: 140 GB in bf16 never exists); every decoder linear is 4-bit, the same seed gives the same 4-bit
+    weights, and the run trains and saves a normal adapter."""
+    pytest.importorskip("bitsandbytes")
+    from lexfine.quantize import bnb_devices, build_random_quantized, quantize_device
+
+    if quantize_device().split(":")[0] not in bnb_devices():
+        pytest.skip("the installed bitsandbytes does not support this device")
+    import bitsandbytes as bnb
+    import torch
+
+    from lexfine import models
+    from tests.conftest import tiny_arch
+
+    tok = models.load_tokenizer("random:apertus-8b")
+    cfg = validate(tiny_config(model="random:apertus-8b", model_args={"arch_overrides": tiny_arch()},
+                               lora={"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "nf4"}, eval=[],
+                               train__max_steps=2))
+    arch = models.architecture_config(models.resolve("random:apertus-8b"), cfg.model_args, len(tok))
+    a, b = (build_random_quantized(arch, "nf4", "cpu") for _ in range(2))
+    linears = [m for m in a.model.layers.modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))]
+    assert len(a.model.layers) == tiny_arch()["num_hidden_layers"] and linears
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears)  # nothing left unquantized in the layers
+    assert torch.equal(a.model.layers[-1].mlp.down_proj.weight.data, b.model.layers[-1].mlp.down_proj.weight.data)
+    assert a.is_loaded_in_4bit and a.config.num_hidden_layers == tiny_arch()["num_hidden_layers"]
+
+    rd = run(cfg)
+    m = rd.manifest()
+    assert m["status"] == "completed" and m["adapter_check"]["lora_B_nonzero"] > 0
+    losses = [r["loss"] for r in map(json.loads, rd.metrics_path.read_text().splitlines()) if "loss" in r]
+    assert losses and all(x == x for x in losses)  # finite, not NaN
+    assert "quant" not in (rd.adapter_dir / "adapter_config.json").read_text()

@@ -114,6 +114,8 @@ case $stage in
     python3 -c "import torch, transformers, trl, peft, bitsandbytes as bnb
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft',
       peft.__version__, 'bitsandbytes', bnb.__version__, 'gpus', torch.cuda.device_count())" || exit 1
+    LEXFINE_TEST_TOKENIZER=$W/tok timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py \
+      -k quantized 2>&1 | tail -n 5   # the 4-bit random build on this GPU, in seconds, before the big runs
     # issue 21: the same 8B batches (seed, data, global batch) in bf16 and in NF4; then 70B NF4 on this GPU
     train lora8b-bf16 170 configs/exp/sjp_lora_apertus8b.yaml model=random:apertus-8b $BUNDLED train.max_steps=20 \
       train.grad_accum=1 train.save_steps=1000

@@ -60,3 +60,30 @@ def test_compiled_layers_and_selective_checkpointing_keep_the_loss_trajectory(ti
     a = [r["loss"] for r in fast.metrics()]
     b = [r["loss"] for r in plain.metrics()]
     assert a == pytest.approx(b, rel=3e-2)
+
+
+@pytest.mark.gpu
+def test_a_random_architecture_trains_quantized_on_cuda(tiny_config):
+    """model=random:<arch> lora.quantize=nf4 on a GPU: the layers are built and quantized on the device (what makes
+    the 70B fit one GPU), and a few steps train a non-zero adapter with finite losses."""
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    import bitsandbytes as bnb
+
+    from lexfine import models
+    from lexfine.quantize import build_random_quantized
+
+    tok = models.load_tokenizer("random:apertus-8b", models.ModelArgs(**_tok_args()))
+    cfg = validate(tiny_config(model="random:apertus-8b", model_args={"arch_overrides": tiny_arch(), **_tok_args()},
+                               lora={"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "nf4"}, eval=[],
+                               train__max_steps=3, train__compile_layers=False))
+    arch = models.architecture_config(models.resolve("random:apertus-8b"), cfg.model_args, len(tok))
+    m = build_random_quantized(arch, "nf4", "cuda:0")
+    q = m.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.device.type == "cuda" and q.weight.bnb_quantized
+    rd = run(cfg)
+    man = rd.manifest()
+    assert man["status"] == "completed" and man["adapter_check"]["lora_B_nonzero"] > 0
+    losses = [r["loss"] for r in map(json.loads, rd.metrics_path.read_text().splitlines()) if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

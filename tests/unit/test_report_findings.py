@@ -248,14 +248,19 @@ def test_best_lr_resolution_pairs_runs_on_the_same_batches(tmp_path):
     assert res["basis"] == "unpaired" and res["resolved"] is False and res["z"] < 2
 
 
+def _sjp_validation_run(root, name: str, lr: float, f1: float, ci: list[float], accuracy: float) -> None:
+    """A LoRA r8 run with an SJP validation summary (575 cases, 78.6% dismissals) carrying macro-F1 and its CI."""
+    d = write_run(root, name=name, rank=8, lr=lr, losses=loss_curve(0.7))
+    summary = d / "eval" / "sjp-validation-loglik" / "summary.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({"accuracy": accuracy, "macro_f1": f1, "macro_f1_ci95": ci, "n": 575,
+                                   "majority_baseline": 0.786}))
+
+
 def test_a_recommendation_no_better_than_the_majority_class_says_so(tmp_path):
     """SJP is ~79% dismissals: always answering 'dismissal' has macro-F1 0.786/1.786 = 0.440."""
     for name, lr, f1, ci in (("a", 1e-4, 0.449, [0.431, 0.469]), ("b", 1e-3, 0.44, [0.428, 0.449])):
-        d = write_run(tmp_path, name=name, rank=8, lr=lr, losses=loss_curve(0.7))
-        summary = d / "eval" / "sjp-validation-loglik" / "summary.json"
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"accuracy": 0.786, "macro_f1": f1, "macro_f1_ci95": ci, "n": 575,
-                                       "majority_baseline": 0.786}))
+        _sjp_validation_run(tmp_path, name, lr, f1, ci, accuracy=0.786)
     rec = _findings(tmp_path)["recommended"]
     assert rec["task_metric_validation"] == pytest.approx(0.449)
     assert rec["majority_class_level"] == pytest.approx(0.786 / 1.786)
@@ -268,11 +273,7 @@ def test_the_recommendation_lists_the_candidates_inside_its_ci(tmp_path):
     evidence: the recommendation names them (best first) and says the choice among them is not resolved."""
     for name, lr, f1, ci in (("best", 3e-4, 0.572, [0.526, 0.618]), ("near", 1e-4, 0.555, [0.51, 0.60]),
                              ("tie-low", 1e-5, 0.526, [0.48, 0.57]), ("far", 1e-3, 0.50, [0.46, 0.54])):
-        d = write_run(tmp_path, name=name, rank=8, lr=lr, losses=loss_curve(0.7))
-        summary = d / "eval" / "sjp-validation-loglik" / "summary.json"
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"accuracy": 0.8, "macro_f1": f1, "macro_f1_ci95": ci, "n": 575,
-                                       "majority_baseline": 0.786}))
+        _sjp_validation_run(tmp_path, name, lr, f1, ci, accuracy=0.8)
     rec = _findings(tmp_path)["recommended"]
     assert rec["run"].startswith("best")
     assert [x["run"].split("-")[0] for x in rec["within_ci"]] == ["near", "tie"]

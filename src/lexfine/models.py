@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ TEMPLATES = Path(__file__).parent / "data" / "templates"
 KNOWN_ARCHS = {"apertus-8b": BUNDLED / "apertus-8b.config.json", "apertus-70b": BUNDLED / "apertus-70b.config.json"}
 # A fixed seed for random architectures: every run (and every evaluation) of `random:X` sees the same base weights.
 RANDOM_INIT_SEED = 1234
+log = logging.getLogger(__name__)
 # Up to this many parameters a random architecture is built once, on the CPU, and kept in lexfine's cache; every run
 # loads that copy. Built where it runs instead, the same seed gave other weights on a GPU than on the CPU, and ZeRO-3
 # initialises in its own order: 1 GPU (CUDA build), ZeRO-2/FSDP2 (CPU build) and ZeRO-3 trained different models.
@@ -187,10 +189,12 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     from transformers import AutoConfig
 
     raw = json.loads(Path(spec.source).read_text())
-    raw.update(args.arch_overrides)
-    model_type = raw.pop("model_type", None)
+    model_type = raw.get("model_type")
     if model_type is None:
         raise ModelError(f"{spec.source} has no model_type; is it a transformers config.json?")
+    _check_overrides(args.arch_overrides, raw, model_type)
+    raw.update(args.arch_overrides)
+    raw.pop("model_type")
     for key in ("architectures", "transformers_version"):
         raw.pop(key, None)
     try:
@@ -203,6 +207,23 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
             f"{vocab_size} tokens; raise it"
         )
     return config
+
+
+def _check_overrides(overrides: dict, raw: dict, model_type: str) -> None:
+    """Refuse an arch_overrides key that YAML made from `{layers:2}` written without the space it needs (it reads the
+    key `layers:2` with value null): ignored, the full-size model would be built silently. Other keys the config
+    class does not declare (head_dim, read with getattr by the modelling code) are passed on, with a warning."""
+    from transformers import AutoConfig
+
+    broken = [k for k in overrides if ":" in k or " " in k]
+    if broken:
+        raise ModelError(f"model_args.arch_overrides: {', '.join(map(repr, broken))} is not a config field; write "
+                         "{key: value} with a space after each colon, or quote the keys")
+    default = AutoConfig.for_model(model_type)
+    unknown = [k for k in overrides if k not in raw and k not in default.to_dict() and not hasattr(default, k)]
+    if unknown:
+        log.warning("model_args.arch_overrides: %s not declared by %s's config; set as attributes (check the spelling)",
+                    ", ".join(unknown), model_type)
 
 
 def _build_random(config, dtype, device=None, attn_implementation=None):

@@ -15,6 +15,8 @@ What keeps a compiled layer from recompiling while batch lengths vary (docs/perf
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -99,7 +101,9 @@ class CausalMasks:
             from transformers.masking_utils import create_causal_mask
 
             ones = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=ones, cache=None,
-                                      position_ids=position_ids, allow_is_causal_skip=False)
+            # transformers renamed past_key_values (<= 5.17) to cache: pass the one this version takes
+            cache_kw = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=ones,
+                                      position_ids=position_ids, allow_is_causal_skip=False, **{cache_kw: None})
             self.last = (key, mask)
         return self.last[1]

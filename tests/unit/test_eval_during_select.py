@@ -81,6 +81,19 @@ def test_eval_rows_do_not_disturb_training_readers(tmp_path):
     assert rd.metrics() == [{"step": 0, "epoch": 0.0, T: 0.5}]
 
 
+def test_a_restart_without_checkpoint_drops_the_first_attempts_rows_step_0_included(tmp_path):
+    """A run that failed before its first checkpoint (on an H200: an API error at step 1, after the step-0
+    evaluation) started over with two step-0 evaluations in metrics.jsonl."""
+    from lexfine.train.sft import _resume_state
+
+    rd = RunDir(tmp_path / "run")
+    rd.create("name: run\nmodel: smollm2-135m\n", "run")
+    rd.append_metrics({"step": 0, "epoch": 0.0, T: 0.5})
+    rd.append_metrics({"step": 1, "loss": 2.0, "num_tokens": 10, "elapsed_s": 1.0})
+    assert _resume_state(rd, main=True) == (None, 0.0, 0)
+    assert rd.metrics() == []
+
+
 def test_best_target_needs_a_selected_checkpoint(tmp_path):
     from lexfine.errors import ModelError
     from lexfine.eval.target import resolve_target

@@ -1,6 +1,7 @@
 """random:<arch> weights do not depend on where they are built (issue 18: ZeRO-3's init order and the GPU's RNG gave
 1 GPU, ZeRO-2/FSDP2 and ZeRO-3 different base models)."""
 
+import pytest
 import torch
 
 from lexfine import models
@@ -40,3 +41,15 @@ def test_a_random_architecture_is_built_once_and_loaded_the_same_everywhere(tmp_
     d = models.load_model(spec, other, tokenizer=smollm_tokenizer)  # now cached: same values as built in place
     wc, wd = _weights(c), _weights(d)
     assert all(torch.equal(wc[k], wd[k]) for k in wc)
+
+
+def test_an_arch_override_yaml_misread_is_refused_not_ignored(caplog):
+    """`{num_hidden_layers:2}` (no space) parses as the key 'num_hidden_layers:2': ignored, it would build the 8B."""
+    from lexfine.errors import ModelError
+
+    spec = models.resolve("random:apertus-8b")
+    with pytest.raises(ModelError, match="space after each colon"):
+        models.architecture_config(spec, ModelArgs(arch_overrides={"num_hidden_layers:2": None}))
+    with caplog.at_level("WARNING"):
+        config = models.architecture_config(spec, ModelArgs(arch_overrides={"num_hiden_layers": 2}))
+    assert config.num_hidden_layers == 32 and "num_hiden_layers" in caplog.text

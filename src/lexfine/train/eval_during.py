@@ -165,9 +165,9 @@ def score(model, prepared: list[Prepared], info: dist.DistInfo, batch_size: int 
 class EvalDuringCallback(TrainerCallback):
     """Scores cfg.eval_during.tasks at step 0, every `every_steps` optimizer steps and at the end of training."""
 
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, tokenizer, main: bool, metrics_callback=None):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, tokenizer, main: bool, clocks=()):
         self.cfg, self.rd, self.tokenizer, self.main = cfg, run_dir, tokenizer, main
-        self.metrics_callback = metrics_callback  # its throughput excludes evaluation time
+        self.clocks = clocks  # callbacks with exclude_time(s): their throughput leaves evaluation time out
         self.trainer = None  # set after the trainer is built: trainer.log reaches the trackers, save_model the best
         self.prepared: list[Prepared] | None = None
         self.info = None
@@ -221,8 +221,8 @@ class EvalDuringCallback(TrainerCallback):
         self.last_step = state.global_step
         self.seconds += seconds
         self.evaluations += 1
-        if self.metrics_callback is not None:
-            self.metrics_callback.exclude_time(seconds)
+        for clock in self.clocks:
+            clock.exclude_time(seconds)
         step = state.global_step
         if self.main:
             row = {"step": step, "epoch": round(float(state.epoch or 0.0), 4), "eval_s": round(seconds, 3), **values}

@@ -220,7 +220,9 @@ def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
     ckpt = rd.latest_checkpoint(discard_incomplete=main)
     if ckpt is None:
         if main and rd.metrics_path.exists():
-            rd.truncate_metrics_after(0)  # no complete checkpoint: training starts over and logs every step again
+            # no complete checkpoint: training starts over and logs every row again, the base model's evaluation
+            # (step 0) included; kept, it would appear twice
+            rd.truncate_metrics_after(-1)
         return None, 0.0, 0
     step = int(ckpt.name.split("-")[1])
     rows = [r for r in rd.train_metrics() if r.get("step", 0) <= step]
@@ -287,7 +289,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     if cfg.eval_during.every_steps:
         from lexfine.train.eval_during import EvalDuringCallback
 
-        eval_cb = EvalDuringCallback(cfg, rd, tokenizer, main, metrics_callback=metrics_cb)
+        eval_cb = EvalDuringCallback(cfg, rd, tokenizer, main, clocks=(metrics_cb, timings_cb))
         callbacks.append(eval_cb)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, diverge_cb, timings_cb, *callbacks])

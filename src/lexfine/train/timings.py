@@ -6,7 +6,9 @@
                          first step after the checkpoint it resumed from): start-up, data, model, compilation
     warmup_steps         W = min(10, max(1, steps // 10)): the steps steady_* and recompiles leave out
     steady_tokens_per_s  real (non-pad) tokens per second over the steps after step W, between the logged rows at
-                         or after step W (TRL's num_tokens, all ranks); null with fewer than two such rows
+                         or after step W (TRL's num_tokens, all ranks); null with fewer than two such rows. Time spent
+                         in evaluation during training (eval_during) is left out: it is the manifest's
+                         eval_during.seconds (first_step_s includes the step-0 evaluation)
     recompiles           torch.compile (Dynamo) frame compilations after step W: every one stalls a step; 0 when
                          nothing is compiled (a CPU run with train.compile_layers off)
 
@@ -73,6 +75,10 @@ class TimingsCallback(TrainerCallback):
         self.warmup = 1
         self.marks: list[tuple[int, float, float]] = []  # (step, time, cumulative real tokens) at logged rows
         self.compiled_at_warmup = None
+        self.excluded = 0.0  # seconds of evaluation during training, left out of the steady rate
+
+    def exclude_time(self, seconds: float) -> None:
+        self.excluded += seconds
 
     def _emit(self) -> None:
         if self.write is not None:
@@ -93,7 +99,7 @@ class TimingsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and logs.get("num_tokens") is not None and self.first_step is not None \
                 and state.global_step - self.first_step + 1 >= self.warmup:
-            self.marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
+            self.marks.append((state.global_step, time.perf_counter() - self.excluded, float(logs["num_tokens"])))
 
     def on_train_end(self, args, state, control, **kw):
         rate = None

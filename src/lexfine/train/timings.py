@@ -2,8 +2,11 @@
 
     data_prep_s          reading the rows + tokenizing and masking them (or loading them from the tokenized cache)
     model_load_s         loading (or building) the model weights
+    train_begin_s        process start to the start of training (imports, data, model, adapters, trainer set-up)
     first_step_s         process start to the end of the first optimizer step this process runs (step 1, or the
-                         first step after the checkpoint it resumed from): start-up, data, model, compilation
+                         first step after the checkpoint it resumed from): start-up, data, model, compilation;
+                         first_step_s - train_begin_s is the first step itself (compilation, kernel autotuning and
+                         loading, the step-0 evaluation of eval_during)
     warmup_steps         W = min(10, max(1, steps // 10)): the steps steady_* and recompiles leave out
     steady_tokens_per_s  real (non-pad) tokens per second over the steps after step W, between the logged rows at
                          or after step W (TRL's num_tokens, all ranks); null with fewer than two such rows. Time spent
@@ -86,6 +89,7 @@ class TimingsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.warmup = warmup_steps(state.max_steps or 0)
+        self.timings["train_begin_s"] = round(time.time() - self.started, 2)
 
     def on_step_end(self, args, state, control, **kw):
         if self.first_step is None:

@@ -38,6 +38,17 @@ class ModelArgs(Section):
     arch_overrides: dict[str, Any] = Field(default_factory=dict)
     """For `random:` models: config fields to change, e.g. {num_hidden_layers: 2, hidden_size: 64}."""
 
+    @field_validator("arch_overrides")
+    @classmethod
+    def arch_override_keys_are_names(cls, v: dict) -> dict:
+        # YAML reads {num_hidden_layers:2} (no space) as the key 'num_hidden_layers:2' with value null: ignored, the
+        # full-size model would be built
+        broken = [k for k in v if ":" in k or " " in k]
+        if broken:
+            raise ValueError(f"{', '.join(map(repr, broken))} is not a config field; write {{key: value}} with a space "
+                             "after each colon, or quote the keys")
+        return v
+
 
 class LoraArgs(Section):
     r: int = Field(16, ge=1)

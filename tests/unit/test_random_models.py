@@ -47,9 +47,12 @@ def test_an_arch_override_yaml_misread_is_refused_not_ignored(caplog):
     """`{num_hidden_layers:2}` (no space) parses as the key 'num_hidden_layers:2': ignored, it would build the 8B."""
     from lexfine.errors import ModelError
 
+    from lexfine.config import build_config
+    from lexfine.errors import ConfigError
+
     spec = models.resolve("random:apertus-8b")
-    with pytest.raises(ModelError, match="space after each colon"):
-        models.architecture_config(spec, ModelArgs(arch_overrides={"num_hidden_layers:2": None}))
+    with pytest.raises(ConfigError, match="space after each colon"):  # config show, sweep plan and train alike
+        build_config({}, ["model=random:apertus-8b", "model_args.arch_overrides={num_hidden_layers:2}"])
     with caplog.at_level("WARNING"):
         config = models.architecture_config(spec, ModelArgs(arch_overrides={"num_hiden_layers": 2}))
     assert config.num_hidden_layers == 32 and "num_hiden_layers" in caplog.text

@@ -21,13 +21,14 @@ from pathlib import Path
 from lexfine.config import ModelArgs
 from lexfine.errors import ModelError
 
+log = logging.getLogger(__name__)
+
 EMBEDDED = "smollm2-135m"
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 KNOWN_ARCHS = {"apertus-8b": BUNDLED / "apertus-8b.config.json", "apertus-70b": BUNDLED / "apertus-70b.config.json"}
 # A fixed seed for random architectures: every run (and every evaluation) of `random:X` sees the same base weights.
 RANDOM_INIT_SEED = 1234
-log = logging.getLogger(__name__)
 # Up to this many parameters a random architecture is built once, on the CPU, and kept in lexfine's cache; every run
 # loads that copy. Built where it runs instead, the same seed gave other weights on a GPU than on the CPU, and ZeRO-3
 # initialises in its own order: 1 GPU (CUDA build), ZeRO-2/FSDP2 (CPU build) and ZeRO-3 trained different models.
@@ -189,12 +190,12 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     from transformers import AutoConfig
 
     raw = json.loads(Path(spec.source).read_text())
-    model_type = raw.get("model_type")
+    declared = set(raw)
+    raw.update(args.arch_overrides)
+    model_type = raw.pop("model_type", None)
     if model_type is None:
         raise ModelError(f"{spec.source} has no model_type; is it a transformers config.json?")
-    _check_overrides(args.arch_overrides, raw, model_type)
-    raw.update(args.arch_overrides)
-    raw.pop("model_type")
+    _warn_undeclared(args.arch_overrides, declared, model_type)
     for key in ("architectures", "transformers_version"):
         raw.pop(key, None)
     try:
@@ -209,14 +210,14 @@ def architecture_config(spec: ModelSpec, args: ModelArgs, vocab_size: int | None
     return config
 
 
-def _check_overrides(overrides: dict, raw: dict, model_type: str) -> None:
+def _warn_undeclared(overrides: dict, declared: set, model_type: str) -> None:
     """Warn about arch_overrides keys the config class does not declare: set as attributes all the same (head_dim is
     read with getattr by the modelling code), but a misspelt one changes nothing. Keys YAML made from `{layers:2}`
     written without a space are refused earlier, by ModelArgs."""
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    unknown = [k for k in overrides if k not in raw and k not in default.to_dict() and not hasattr(default, k)]
+    unknown = [k for k in overrides if k not in declared and k not in default.to_dict() and not hasattr(default, k)]
     if unknown:
         log.warning("model_args.arch_overrides: %s not declared by %s's config; set as attributes (check the spelling)",
                     ", ".join(unknown), model_type)

@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -32,7 +33,7 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="bundled:sjp_fr_train", help="data.train: a file, folder or bundled:<name>")
-    p.add_argument("--tokenizer", default="smollm2-135m", help="a model spec or tokenizer folder")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="a model spec, or a folder holding a tokenizer")
     p.add_argument("--chat-template", default=None, help="model_args.chat_template (chatml, apertus, a .jinja)")
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--limit", type=int, default=0, help="first N cases only (0: all)")
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from lexfine.data import load_examples
     from lexfine.data.prepare import tokenized_dataset
 
-    over = [f"model={args.tokenizer}", f"data.train={args.data}", f"train.max_length={args.max_length}"]
+    tok_dir = Path(args.tokenizer)
+    # a bare tokenizer folder (no config.json: no model to resolve) is given as model_args.tokenizer
+    model = ["model=random:apertus-8b", f"model_args.tokenizer={tok_dir}"] \
+        if tok_dir.is_dir() and not (tok_dir / "config.json").is_file() else [f"model={args.tokenizer}"]
+    over = [*model, f"data.train={args.data}", f"train.max_length={args.max_length}"]
     over += [f"data.limit={args.limit}"] if args.limit else []
     over += [f"model_args.chat_template={args.chat_template}"] if args.chat_template else []
     cfg = build_config({}, over)

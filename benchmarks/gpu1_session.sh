@@ -77,49 +77,7 @@ COMMON=(model_args.tokenizer=$W/tok "eval=[]" output_dir=$W/runs "${EXTRA[@]}")
 SJP=data.train=$D/sjp/fr_train.parquet
 BUNDLED=data.train=bundled:sjp_fr_train
 
-train() {  # train NAME SECONDS CONFIG OVERRIDES...: one `lexfine train`, its wall time from process start
-  local name=$1 secs=$2 cfg=$3
-  shift 3
-  local t0 left
-  left=$(( DEADLINE - $(date +%s) ))
-  if [ "$left" -lt 60 ]; then echo "$name: skipped, $left s left in this stage"; return; fi
-  [ "$secs" -gt "$left" ] && secs=$left
-  t0=$(date +%s%N)
-  timeout -k 20 "$secs" python3 -m lexfine.cli train "$cfg" "${COMMON[@]}" "name=$name" "$@" "${TAIL[@]}" > "$W/$name.log" 2>&1
-  local rc=$?
-  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  echo "{\"name\": \"$name\", \"rc\": $rc, \"process_s\": $(( ms / 1000 )).$(( ms % 1000 / 100 ))}" >> "$W/wall.jsonl"
-  echo "$name: exit $rc after $(( ms / 1000 )) s"
-  tail -n 3 "$W/$name.log"
-}
-
-table() {  # one row per run of the session: what the manifests say
-  python3 - "$W" "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-wall = {}
-for line in (w / "wall.jsonl").read_text().splitlines() if (w / "wall.jsonl").exists() else []:
-    r = json.loads(line)
-    wall[r["name"]] = r
-rows = ["| run | rc | status | steps | process s | data prep s | model load s | start to step 1 s | steady tokens/s "
-        "| recompiles | peak GiB | save s | final loss | eval_during s |", "|" + "---|" * 14]
-for m_path in sorted((w / "runs").glob("*/manifest.json")):
-    m = json.loads(m_path.read_text())
-    name = m_path.parent.name.rsplit("-", 1)[0]
-    t = m.get("timings") or {}
-    ed = m.get("eval_during") or {}
-    rows.append(f"| {name} | {wall.get(name, {}).get('rc', '-')} | {m.get('status')} | {m.get('steps')} | "
-                f"{wall.get(name, {}).get('process_s', '-')} | {t.get('data_prep_s', '-')} | {t.get('model_load_s', '-')} "
-                f"| {t.get('first_step_s', '-')} | {t.get('steady_tokens_per_s', '-')} | {t.get('recompiles', '-')} | "
-                f"{m.get('peak_gpu_memory_gib', '-')} | {m.get('save_s', '-')} | {m.get('final_loss', '-')} | "
-                f"{ed.get('seconds', '-') if isinstance(ed, dict) else '-'} |")
-(out / "table.md").write_text("\n".join(rows) + "\n")
-print("\n".join(rows))
-EOF
-  (cd "$W" && tar czf "$OUT/runs-$stage.tgz" --exclude='*.safetensors' --exclude='*/checkpoints' --exclude='*.bin' \
-     --exclude='*.pt' runs wall.jsonl ./*.log 2>/dev/null)
-}
+source "$(dirname "$0")/gpu_lib.sh"
 
 if [ -z "${GPU1_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then  # a fresh machine: every call carries .gpu1/w
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

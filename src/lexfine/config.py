@@ -151,6 +151,11 @@ class TrainArgs(Section):
     layers, a length that is always a multiple of 8 keeps CUDA attention kernels' alignment checks from giving aligned
     and unaligned lengths graphs of their own (docs/performance.md, "Recompiles"); 8 costs ~0.2% more tokens on
     length-grouped SJP batches, 64 ~1.8%. Ignored with padding_free."""
+    mask_free_attention: bool | None = None
+    """Training batches reach SDPA attention without their padding mask (is_causal): exact for right-padded batches,
+    since causal attention already keeps real tokens from the padding after them, and faster (flash kernel, upper
+    triangle skipped; docs/performance.md). Each batch is checked to be right-padded. null: on wherever it is exact
+    (SDPA, causal over the whole sequence, not padding_free); false: train with the padding mask."""
     group_by_length: bool = True
     """Batch sequences of similar length together: far less padding (SJP cases range from 0.2k to 10k tokens)."""
     padding_free: bool = False
@@ -315,7 +320,8 @@ ID_EXCLUDE = {
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
               "max_nonfinite_steps",
               # speed knobs: same training, same run
-              "checkpoint_fraction", "adaptive_checkpointing", "compile_layers", "pad_to_multiple_of"},
+              "checkpoint_fraction", "adaptive_checkpointing", "compile_layers", "pad_to_multiple_of",
+              "mask_free_attention"},
 }
 
 

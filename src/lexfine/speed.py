@@ -27,9 +27,11 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model, backend: str = "inductor") -> int:
+def compile_decoder_layers(model, backend: str = "inductor", causal_mask_for_unpadded: bool = True) -> int:
     """torch.compile every decoder layer in place (lazily: the first call traces it, after PEFT has injected its
-    adapters). Returns the number of layers compiled."""
+    adapters). Returns the number of layers compiled. `causal_mask_for_unpadded=False` when training batches reach
+    the layers without any mask (lexfine.train.speed.MaskFreeAttention): then every batch already shares the
+    mask-free graph."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -39,7 +41,7 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(layers) + 8))
-    masks = CausalMasks(getattr(model, "config", None))
+    masks = CausalMasks(getattr(model, "config", None) if causal_mask_for_unpadded else None)
     for layer in layers:
         # what nn.Module.compile does (the layer calls _compiled_call_impl instead of _call_impl), with the call
         # wrapped as CompiledLayerCall says
@@ -78,6 +80,15 @@ class CompiledLayerCall:
             return self.compiled(*args, **kwargs)
 
 
+def causal_sdpa(config) -> bool:
+    """Whether the model attends through SDPA, causally, over the whole sequence (no sliding window, no
+    bidirectional or chunked layers): then the causal mask is all the masking a right-padded row needs."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (c is not None and getattr(c, "_attn_implementation", None) == "sdpa" and getattr(c, "is_causal", True)
+            and getattr(c, "sliding_window", None) is None
+            and all(t == "full_attention" for t in (getattr(c, "layer_types", None) or ["full_attention"])))
+
+
 class CausalMasks:
     """The mask transformers builds for a padded batch, built for a batch without padding (a plain causal mask, as
     `is_causal=True` computes it), for SDPA attention of a causal model without sliding windows; None otherwise.
@@ -88,10 +99,7 @@ class CausalMasks:
         self.last = (None, None)
 
     def applies(self) -> bool:
-        c = self.config
-        return (c is not None and getattr(c, "_attn_implementation", None) == "sdpa" and getattr(c, "is_causal", True)
-                and getattr(c, "sliding_window", None) is None
-                and all(t == "full_attention" for t in (getattr(c, "layer_types", None) or ["full_attention"])))
+        return causal_sdpa(self.config)
 
     def causal(self, hidden, position_ids):
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] < 2 or not self.applies():

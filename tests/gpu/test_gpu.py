@@ -63,6 +63,23 @@ def test_compiled_layers_and_selective_checkpointing_keep_the_loss_trajectory(ti
 
 
 @pytest.mark.gpu
+def test_mask_free_attention_keeps_the_loss_trajectory_on_cuda(tiny_config, tmp_path):
+    """Mask-free attention (SDPA's flash kernel, is_causal) against the padding mask (memory-efficient kernel), both
+    through inductor-compiled layers: same bf16 training, same losses within bf16 tolerance."""
+    common = dict(model_args={"arch_overrides": tiny_arch(), "dtype": "bfloat16", **_tok_args()},
+                  train__max_steps=6, train__batch_size=4, train__compile_layers=True,
+                  train__gradient_checkpointing=True, train__checkpoint_fraction=0.5)
+    free = run(validate(tiny_config(output_dir=str(tmp_path / "free"), **common)))
+    masked = run(validate(tiny_config(output_dir=str(tmp_path / "masked"), train__mask_free_attention=False,
+                                      **common)))
+    assert free.manifest()["speed"]["mask_free_attention"] is True
+    assert masked.manifest()["speed"]["mask_free_attention"] is False
+    a = [r["loss"] for r in free.metrics()]
+    b = [r["loss"] for r in masked.metrics()]
+    assert a == pytest.approx(b, rel=3e-2)
+
+
+@pytest.mark.gpu
 def test_a_random_architecture_trains_quantized_on_cuda(tiny_config):
     """model=random:<arch> lora.quantize=nf4 on a GPU: the layers are built and quantized on the device (what makes
     the 70B fit one GPU), and a few steps train a non-zero adapter with finite losses."""

@@ -284,3 +284,28 @@ def test_data_parallel_eval_of_a_run_records_the_base_model(tiny_config, tmp_pat
     summary = json.loads((rd.path / "eval" / "sjp-loglik" / "summary.json").read_text())
     assert summary["n"] == 6 and summary["settings"]["world_size"] == 2
     assert "sjp-loglik" in manifest["evals"] and manifest["base_evals"]["sjp-loglik"]["accuracy"] is not None
+
+
+def test_a_model_target_takes_another_tokenizer(app, tmp_path):
+    """--tokenizer: a random architecture scored with a tokenizer of the user's choosing (e.g. the real model's);
+    refused for runs, which carry their own."""
+    from lexfine import models
+    from lexfine.config import ModelArgs
+
+    config = json.loads(models.architecture_config(models.resolve("random:apertus-8b"),
+                                                   ModelArgs(arch_overrides=TINY)).to_json_string())
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    tok_dir = tmp_path / "tok"
+    models.load_tokenizer("random:apertus-8b", ModelArgs()).save_pretrained(tok_dir)
+    spec = f"random:{tmp_path / 'tiny.json'}"
+    common = ["--limit", 2, "--batch-size", 2, "--max-length", 256, "-q", "--out", tmp_path / "out"]
+    summary = _summary(run_cli(app, spec, "--tokenizer", tok_dir, *common))
+    assert summary["n"] == 2
+    missing = run_cli(app, spec, "--tokenizer", tmp_path / "nothing-here", *common)
+    assert missing.exit_code == 2 and "nothing-here" in missing.output
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: r\n")
+    (run_dir / "manifest.json").write_text("{}")
+    refused = run_cli(app, run_dir, "--tokenizer", tok_dir, *common)
+    assert refused.exit_code == 2 and "--tokenizer is for model targets" in refused.output

@@ -65,20 +65,24 @@ def train(tiny_config, tmp_path, monkeypatch, name, **over):
 
 
 @pytest.mark.slow
-def test_compiled_layers_do_not_recompile_after_the_warmup(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mask_free", [None, False])  # the default (no mask at all), and explicit masks everywhere
+def test_compiled_layers_do_not_recompile_after_the_warmup(tiny_config, tmp_path, monkeypatch, mask_free):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    m, compiled = train(tiny_config, tmp_path, monkeypatch, "compiled", train__compile_layers=True)
+    m, compiled = train(tiny_config, tmp_path, monkeypatch, "compiled", train__compile_layers=True,
+                        train__mask_free_attention=mask_free)
     assert m["status"] == "completed" and m["speed"]["compiled_layers"] is True
+    assert m["speed"]["mask_free_attention"] is (mask_free is None)
     assert m["timings"]["warmup_steps"] == 1
     assert m["timings"]["recompiles"] == 0
     # all in step 1: one graph for the checkpointed layer, one for the other
     assert counters["frames"]["total"] == 2
 
     # padding each batch to a multiple of 8 and the explicit causal mask change nothing that is learned
-    _, plain = train(tiny_config, tmp_path, monkeypatch, "plain", train__compile_layers=False)
+    _, plain = train(tiny_config, tmp_path, monkeypatch, "plain", train__compile_layers=False,
+                     train__mask_free_attention=False)
     assert len(compiled) == len(plain) == len(BATCHES)
     assert compiled == pytest.approx(plain, rel=1e-5)

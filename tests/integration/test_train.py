@@ -161,7 +161,19 @@ def test_speed_levers_keep_the_loss_trajectory(tiny_config, tmp_path, method):
     scores = [json.loads((rd.eval_dir("sjp", "loglik") / "summary.json").read_text()) for rd in (fast, plain)]
     assert scores[0]["n"] == 6 and scores[0]["accuracy"] == scores[1]["accuracy"]
     assert fast.manifest()["speed"] == {"fused_activation": True, "compiled_layers": True, "checkpointed_fraction": 0.5,
-                                          "adaptive_checkpointing": True, "pad_to_multiple_of": 8}
+                                          "adaptive_checkpointing": True, "pad_to_multiple_of": 8,
+                                          "mask_free_attention": True}
     assert plain.manifest()["speed"]["compiled_layers"] is False  # CPU: auto = off
     assert plain.manifest()["speed"]["checkpointed_fraction"] == 0.0
     assert plain.manifest()["speed"]["pad_to_multiple_of"] is None  # not compiled: padded to the longest only
+
+
+def test_mask_free_attention_keeps_the_loss_trajectory(tiny_config, tmp_path):
+    """On by default (SDPA): training without the padding mask learns what training with it learns."""
+    over = dict(train__max_steps=3, train__batch_size=3)
+    free = run(validate(tiny_config(output_dir=str(tmp_path / "free"), **over)))
+    masked = run(validate(tiny_config(output_dir=str(tmp_path / "masked"), train__mask_free_attention=False, **over)))
+    assert free.manifest()["speed"]["mask_free_attention"] is True
+    assert masked.manifest()["speed"]["mask_free_attention"] is False
+    assert free.path.name == masked.path.name  # a speed knob: the same run id
+    assert losses(free) == pytest.approx(losses(masked), rel=1e-5)

@@ -165,3 +165,110 @@ def test_compiled_layers_share_a_graph_with_and_without_padding_and_learn_the_sa
         uncompile_decoder_layers(model)
     assert compiled == pytest.approx(eager, rel=1e-5)
     assert counters["frames"]["total"] == 1  # both layers, every batch (before: 3, duck sizing and the None mask)
+
+
+def right_padded(lengths, total=None, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = total or max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), total), generator=g)
+    att = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        att[i, :n] = 1
+    return dict(input_ids=ids, attention_mask=att, labels=ids.masked_fill(att == 0, -100))
+
+
+def test_mask_free_attention_learns_what_the_padding_mask_learns(monkeypatch):
+    """Right-padded batches without their padding mask: SDPA runs causal with no mask, and the loss and every
+    gradient are those of the masked batch (pads come after every real token, so causality alone keeps them out)."""
+    import torch.nn.functional as F
+
+    from lexfine.train.speed import MaskFreeAttention
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_apertus().train()
+    batches = [right_padded(n, seed=i) for i, n in enumerate(([12, 7, 3], [9, 9, 9], [16, 15, 1]))]
+
+    def loss_and_grads():
+        out = []
+        for b in batches:
+            model.zero_grad()
+            loss = model(**b, use_cache=False).loss
+            loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        return out
+
+    masked = loss_and_grads()
+    assert seen and not any(no_mask for no_mask, _ in seen[:2])  # padded: transformers passes a mask
+    seen.clear()
+    hook = MaskFreeAttention.install(model)
+    try:
+        free = loss_and_grads()
+        assert seen and all(no_mask and causal for no_mask, causal in seen)
+        with torch.no_grad():  # evaluation keeps its mask
+            seen.clear()
+            model(**batches[0], use_cache=False)
+            assert not seen[0][0]
+    finally:
+        hook.remove()
+    for (l1, g1), (l2, g2) in zip(masked, free):
+        assert l2 == pytest.approx(l1, rel=1e-6)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_right_padded_collator_refuses_a_left_padded_batch():
+    from lexfine.errors import DataError
+    from lexfine.train.speed import RightPadded
+
+    right = right_padded([5, 3])
+    assert RightPadded(lambda f: right)([]) is right
+    left = dict(right, attention_mask=right["attention_mask"].flip(1))
+    with pytest.raises(DataError, match="not right-padded"):
+        RightPadded(lambda f: left)([])
+
+
+@pytest.mark.parametrize("attn, setting, padding_free, expected", [
+    ("sdpa", None, False, True), ("sdpa", False, False, False), ("eager", None, False, False),
+    ("eager", True, False, False), ("sdpa", None, True, False)])
+def test_mask_free_attention_applies_only_where_it_is_exact(attn, setting, padding_free, expected):
+    from types import SimpleNamespace
+
+    from lexfine.train.speed import mask_free_attention
+
+    cfg = SimpleNamespace(train=SimpleNamespace(mask_free_attention=setting, padding_free=padding_free))
+    assert mask_free_attention(cfg, tiny_apertus(attn)) is expected
+    sliding = tiny_apertus()
+    sliding.config.sliding_window = 4
+    assert mask_free_attention(cfg, sliding) is False
+
+
+def test_compiled_layers_keep_one_graph_without_masks():
+    """With mask-free attention every training batch reaches the layers with no mask: padded, unpadded and a length
+    equal to the hidden size share one graph, and the losses are the eager masked model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lexfine.speed import compile_decoder_layers, uncompile_decoder_layers
+    from lexfine.train.speed import MaskFreeAttention
+
+    model = tiny_apertus().train()
+    batches = [right_padded(n, seed=i) for i, n in enumerate(([32, 32, 32], [20, 17, 9], [12, 12, 12], [30, 8, 8]))]
+    eager = [model(**b, use_cache=False).loss.item() for b in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    hook = MaskFreeAttention.install(model)
+    compile_decoder_layers(model, backend="eager", causal_mask_for_unpadded=False)
+    try:
+        compiled = [model(**b, use_cache=False).loss.item() for b in batches]
+    finally:
+        uncompile_decoder_layers(model)
+        hook.remove()
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert counters["frames"]["total"] == 1

@@ -48,6 +48,9 @@ def eval_command(
                                                   "template (a run uses its own)."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Model targets: system message "
                                                 "('none' for none; a run uses its own)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Model targets: the tokenizer (a folder or "
+                                            "hub id) instead of the model's own; random:<arch> models otherwise "
+                                            "use the embedded SmolLM2's (a run uses its own)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
     with_base: bool = typer.Option(True, "--with-base/--no-base", help="Run directories evaluated in place: also "
                                    "score the base model (cached) and record it under base_evals, which the "
@@ -67,8 +70,8 @@ def eval_command(
 
 
 def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, compile, split, max_length, base, backend, max_new_tokens,
-         prompt_template, system_prompt, seed, with_base, no_cache, quiet) -> None:
-    from lexfine.config import DataArgs
+         prompt_template, system_prompt, tokenizer, seed, with_base, no_cache, quiet) -> None:
+    from lexfine.config import DataArgs, ModelArgs
     from lexfine.eval.runner import evaluate
     from lexfine.eval.tasks import check_mode, split_entry
 
@@ -87,9 +90,16 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, com
         data_args = DataArgs(**fields)
     if data is not None and len(tasks) > 1:
         raise _user_error("--data applies to one task; evaluate the tasks one at a time")
+    tgt = target
+    if tokenizer is not None:
+        from lexfine.eval.target import resolve_target
+
+        if RunDir.is_run_dir(target) or "@" in target:
+            raise _user_error("--tokenizer is for model targets; a run is evaluated with the tokenizer it saved")
+        tgt = resolve_target(target, data_args=data_args, model_args=ModelArgs(tokenizer=tokenizer))
     paths = []
     for name in tasks:
-        summary = evaluate(target, name, mode, data=data, out=out, limit=limit, batch_size=batch_size,
+        summary = evaluate(tgt, name, mode, data=data, out=out, limit=limit, batch_size=batch_size,
                            max_length=max_length, split=split, base=base, backend=backend,
                            max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
                            progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile)

@@ -294,6 +294,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[metrics_cb, preempt_cb, diverge_cb, timings_cb, *callbacks])
     diverge_cb.attach(trainer)
+    if speed["mask_free_attention"]:
+        from lexfine.train.speed import RightPadded
+
+        trainer.data_collator = RightPadded(trainer.data_collator)
     if eval_cb is not None:
         eval_cb.trainer = trainer  # it logs to the trackers and saves the best checkpoint through the trainer
     if main:

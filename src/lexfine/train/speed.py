@@ -4,7 +4,12 @@
 - selective activation checkpointing: only a fraction of the decoder layers recompute their activations, and a batch
   with fewer tokens than a full one recomputes proportionally fewer (adaptive checkpointing);
 - compiled decoder layers: each layer's forward (and, through AOTAutograd, its backward) goes through torch.compile
-  (lexfine.speed, shared with evaluation).
+  (lexfine.speed, shared with evaluation);
+- mask-free attention: a right-padded training batch reaches SDPA without a padding mask. Causal attention alone
+  already keeps every real token from seeing the padding after it, so the real tokens' outputs and the loss are
+  those of the masked batch, while SDPA can run its flash kernel (upper triangle skipped, K/V heads shared instead
+  of repeated) instead of the memory-efficient kernel over a materialised [B, 1, T, T] mask. Evaluation's default
+  scoring does the same (lexfine.eval.loglik, "cached").
 
 Each is measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
 """
@@ -16,7 +21,8 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from lexfine.speed import compile_decoder_layers, decoder_layers
+from lexfine.errors import DataError
+from lexfine.speed import causal_sdpa, compile_decoder_layers, decoder_layers
 
 log = logging.getLogger("lexfine.train")
 
@@ -33,8 +39,12 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
 
         fused = patch_xielu(model, backend=backend)
     compile_layers = compiles_layers(cfg)
+    mask_free = mask_free_attention(cfg, model)
+    if mask_free:
+        MaskFreeAttention.install(model)
     if compile_layers:
-        log.info("compiling %d decoder layers with torch.compile", compile_decoder_layers(model, backend=backend))
+        log.info("compiling %d decoder layers with torch.compile",
+                 compile_decoder_layers(model, backend=backend, causal_mask_for_unpadded=not mask_free))
     fraction = t.checkpoint_fraction if t.gradient_checkpointing else 0.0
     # ZeRO-3 prefetches parameters in the module order it traced; checkpointing other layers from step to step
     # would change that order every step (and invalidate the trace), so there the same layers recompute each step.
@@ -48,8 +58,61 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
             callbacks.append(SelectiveCheckpointing(fraction, full_batch_tokens=t.batch_size * t.max_length
                                                     if adaptive else None, compiled=bool(compile_layers)))
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
-               "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg)}
+               "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg),
+               "mask_free_attention": mask_free}
     return callbacks, applied
+
+
+def mask_free_attention(cfg, model) -> bool:
+    """Whether training batches reach attention without their padding mask: train.mask_free_attention, or (null)
+    wherever it is exact: SDPA, causal over the whole sequence (lexfine.speed.causal_sdpa), padded batches (not
+    padding_free, whose packed rows need their position ids and a varlen kernel)."""
+    t = cfg.train
+    applies = not t.padding_free and causal_sdpa(getattr(model, "config", None)) \
+        and decoder_stack(model, (decoder_layers(model) or [None])[0]) is not None
+    if t.mask_free_attention and not applies:
+        log.warning("train.mask_free_attention is on but does not apply to this model (it needs SDPA attention, "
+                    "causal over the whole sequence, and padded batches): the padding mask is kept")
+    return applies if t.mask_free_attention is None else bool(t.mask_free_attention) and applies
+
+
+class MaskFreeAttention:
+    """Forward pre-hook on the decoder stack: in training, drops the batch's 2D padding mask, so transformers builds
+    no mask and SDPA runs with is_causal. Exact only for right padding (pads after every real token), which
+    `RightPadded` checks on each collated batch. The model's inputs keep the mask: the Trainer and TRL count real
+    tokens with it. Evaluation (model.eval() or no grad) and cached decoding keep their masks."""
+
+    @staticmethod
+    def install(model):
+        stack = decoder_stack(model, decoder_layers(model)[0])
+        return stack.register_forward_pre_hook(MaskFreeAttention.drop_mask, with_kwargs=True)
+
+    @staticmethod
+    def drop_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if not (module.training and torch.is_grad_enabled() and isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return None
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            return None
+        return args, {**kwargs, "attention_mask": None}
+
+
+class RightPadded:
+    """The Trainer's data collator, checked: every row of the padding mask is ones then zeros (TRL's collator pads
+    on the right). A batch padded any other way stops the run with a DataError instead of training on a batch
+    that mask-free attention would get wrong."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1 \
+                and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise DataError("a training batch is not right-padded (a real token after padding); set "
+                            "train.mask_free_attention=false to train with the padding mask")
+        return batch
 
 
 def compiles_layers(cfg) -> bool:

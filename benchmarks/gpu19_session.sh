@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Issue 19 on ONE lent GPU (nvidia-h200 or an H100), no network: `lexfine train` / `lexfine eval` themselves, from
+# process start, every training figure read from the runs' manifest.json. Stages, one device call each, back to back:
+#
+#   bash benchmarks/gpu19_session.sh prep    HERE, on the development machine: fills the ignored folder .gpu19/
+#   s   carry .gpu19/w .gpu19/s   mask-free attention (train.mask_free_attention): the shipped 8B LoRA config on the
+#                                 4,251 French train-year rows, 200 steps, with it (the default) and without it; an
+#                                 SDPA micro-benchmark that says which kernel each form gets; cold data preparation
+#                                 with 8 and 16 workers
+#   p   carry .gpu19/w .gpu19/s   the mask-free GPU test; whether raw tokenization scales past 8 processes here; where
+#                                 step 1's time goes (cProfile over a 3-step `lexfine train`, fresh inductor and
+#                                 Triton caches); Dynamo recompiles over 1,000 steps (one epoch of the French rows)
+#                                 with the 8B's layers, 8 of them (the 8B's layer graph: same shapes and guards)
+#   e   carry .gpu19/w .gpu19/s   `lexfine eval` speed, compiled, from process start, on 2,500 French cases
+#
+#   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB)
+#   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
+# Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
+# stage's own), STAGE_S (570: each stage ends its runs by then).
+set -uo pipefail
+stage=${1:?stage prep, s, p or e}
+if [ "$stage" = prep ]; then
+  cd "$(dirname "$0")/.." || exit 1
+  rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
+  grep -qx '/.gpu19/' .git/info/exclude 2>/dev/null || echo /.gpu19/ >> .git/info/exclude
+  cp ../shared/wheels/py312-x86_64/*.whl .gpu19/w/ && rm -f .gpu19/w/deepspeed-*.whl .gpu19/w/hjson-*.whl
+  cp ../shared/data/sjp/fr_train.parquet ../shared/data/sjp/fr_validation.parquet .gpu19/s/data/sjp/ || exit 1
+  python3 - <<'PY' || exit 1
+import shutil
+from pathlib import Path
+from lexfine import models
+for f in models.embedded_model_dir().iterdir():  # converts the GGUF once (lexfine's cache)
+    if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+        shutil.copy(f, Path(".gpu19/s/tok") / f.name)
+PY
+  du -sh .gpu19/*
+  exit 0
+fi
+
+W=${GPU19_W:-$HOME/gpu19}             # outside the repository copy, which each device call lays anew
+OUT=${OUT:-/tmp/out}
+mkdir -p "$W" "$OUT"
+DEADLINE=$(( $(date +%s) + ${STAGE_S:-570} ))
+read -r -a EXTRA <<< "${GPU19_EXTRA:-}"
+read -r -a TAIL <<< "${GPU19_TAIL:-}"
+M8=${GPU19_M8:-random:apertus-8b}
+export PYTHONPATH=$PWD/src:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+       TOKENIZERS_PARALLELISM=false LEXFINE_CACHE=$W/cache
+D=$W/data
+COMMON=(model_args.tokenizer=$W/tok "eval=[]" output_dir=$W/runs "${EXTRA[@]}")
+SJP=data.train=$D/sjp/fr_train.parquet
+CFG=configs/exp/sjp_lora_apertus8b.yaml
+source "$(dirname "$0")/gpu_lib.sh"
+
+if [ -z "${GPU19_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu19/w/*.whl || exit 1
+fi
+[ -d "$W/tok" ] || cp -r .gpu19/s/tok "$W/tok" || exit 1
+[ -d "$D/sjp" ] || cp -r .gpu19/s/data "$D" || exit 1
+
+case $stage in
+  s)
+    date -u
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    lscpu | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))'
+    # which SDPA kernel each form of a training batch gets, and its fwd+bwd time (8B attention shapes)
+    timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.txt"
+import time, torch, torch.nn.functional as F, transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
+B, S, H, KV, D = 4, 2048, 32, 8, 128
+q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k = torch.randn(B, KV, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+v = torch.randn(B, KV, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+mask = torch.ones(S, S, device="cuda", dtype=torch.bool).tril()[None, None].expand(B, 1, S, S)
+def masked():  # what transformers does for a padded batch: K/V repeated to 32 heads, a boolean [B,1,S,S] mask
+    kk, vv = (t.repeat_interleave(H // KV, 1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+def free():    # mask-free: is_causal, K/V heads shared (enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+for name, fn in (("masked (bool mask, repeated K/V)", masked), ("mask-free (is_causal, enable_gqa)", free)):
+    ok = []
+    for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel(b):
+                fn().sum().backward()
+            ok.append(b.name)
+        except RuntimeError:
+            pass
+    for _ in range(3):
+        fn().sum().backward()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20):
+        fn().sum().backward()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / 20 * 1e3
+    print(f"{name}: fwd+bwd {ms:.2f} ms (B={B}, S={S}, {H} heads, {KV} KV heads, d={D}); backends that run it: {ok}")
+PY
+    train speedfree 270 $CFG model=$M8 $SJP train.max_steps=200 train.grad_accum=1 train.save_steps=1000
+    train speedmasked 270 $CFG model=$M8 $SJP train.max_steps=200 train.grad_accum=1 train.save_steps=1000 \
+      train.mask_free_attention=false
+    left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -gt 45 ]; then
+      timeout $(( left - 10 )) python3 benchmarks/data_prep.py --data $D/sjp/fr_train.parquet --tokenizer $W/tok \
+        --workers ${GPU19_PREP_WORKERS:-16,8} --limit 0 2>&1 | grep -v Warning | tee "$OUT/data_prep.txt"
+    fi
+    table
+    ;;
+  p)
+    LEXFINE_TEST_TOKENIZER=$W/tok timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py \
+      -k mask_free 2>&1 | tail -n 3
+    # does tokenizing scale past 8 processes on this machine? the backend's own encode, no lexfine around it
+    timeout 60 python3 - "$W/tok" "$D/sjp/fr_train.parquet" <<'PY'
+import multiprocessing as mp, sys, time
+import pandas as pd
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+texts = [str(t) for t in pd.read_parquet(sys.argv[2])["text"]][:4000]
+def work(chunk):
+    return sum(len(tok.encode(t, add_special_tokens=False).ids) for t in chunk)
+for n in (1, 4, 8, 16):
+    chunks = [texts[i::n * 4] for i in range(n * 4)]
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(n) as pool:
+        total = sum(pool.map(work, chunks))
+    dt = time.perf_counter() - t
+    print(f"raw tokenizer encode, {n:2d} processes: {len(texts) / dt:6.0f} texts/s ({total / dt / 1e6:.2f}M tokens/s)")
+PY
+    # step 1 profiled from a cold start: inductor and Triton caches of its own
+    export TORCHINDUCTOR_CACHE_DIR=$W/inductor-cold TRITON_CACHE_DIR=$W/triton-cold
+    rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
+    t0=$(date +%s)
+    timeout -k 20 240 python3 -m cProfile -o "$OUT/step1.prof" -m lexfine.train $CFG "${COMMON[@]}" name=profile \
+      model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" > "$W/profile.log" 2>&1
+    echo "profile run: exit $? after $(( $(date +%s) - t0 )) s"; tail -n 3 "$W/profile.log"
+    python3 - "$OUT/step1.prof" <<'PY' > "$OUT/step1.txt" 2>&1
+import pstats, sys
+s = pstats.Stats(sys.argv[1])
+s.sort_stats("cumulative").print_stats(60)
+s.sort_stats("tottime").print_stats(30)
+PY
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    head -c 6000 "$OUT/step1.txt" | tail -c 4500
+    # recompiles over one epoch of the French rows (1,000 steps), the 8B's layers, 8 of them
+    train recompile1000 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_RECOMPILE_STEPS:-1000} train.grad_accum=1 \
+      train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}"
+    table
+    cp "$W/profile.log" "$OUT/"
+    ;;
+  r)
+    # the two parts of stage p that count most, alone (stage p once ran past a 10-minute call and returned nothing)
+    LEXFINE_TEST_TOKENIZER=$W/tok timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py \
+      -k mask_free 2>&1 | tail -n 3 | tee "$OUT/gpu_test.txt"
+    train recompile1000 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_RECOMPILE_STEPS:-1000} train.grad_accum=1 \
+      train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}"
+    table
+    ;;
+  e)
+    # evaluation through `lexfine eval`, compiled, from process start
+    t0=$(date +%s%N)
+    timeout -k 20 $(( DEADLINE - $(date +%s) - 30 )) python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
+      --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-2500} --compile --no-cache -q --out $W/evalspeed \
+      > "$W/evalspeed.log" 2>&1
+    echo "lexfine eval: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -n 4 "$W/evalspeed.log"
+    (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' evalspeed evalspeed.log 2>/dev/null)
+    ;;
+  *)
+    echo "unknown stage $stage (prep, s, p or e)" >&2
+    exit 2
+    ;;
+esac

@@ -30,7 +30,7 @@ def decoder_layers(model) -> list:
 def compile_decoder_layers(model, backend: str = "inductor", causal_mask_for_unpadded: bool = True) -> int:
     """torch.compile every decoder layer in place (lazily: the first call traces it, after PEFT has injected its
     adapters). Returns the number of layers compiled. `causal_mask_for_unpadded=False` when training batches reach
-    the layers without any mask (lexfine.train.speed.MaskFreeAttention): then every batch already shares the
+    the layers without any mask (lexfine.train.speed.install_mask_free_attention): then every batch already shares the
     mask-free graph."""
     import torch._dynamo
 

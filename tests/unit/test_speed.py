@@ -182,7 +182,7 @@ def test_mask_free_attention_learns_what_the_padding_mask_learns(monkeypatch):
     gradient are those of the masked batch (pads come after every real token, so causality alone keeps them out)."""
     import torch.nn.functional as F
 
-    from lexfine.train.speed import MaskFreeAttention
+    from lexfine.train.speed import install_mask_free_attention
 
     seen = []
     sdpa = F.scaled_dot_product_attention
@@ -207,7 +207,7 @@ def test_mask_free_attention_learns_what_the_padding_mask_learns(monkeypatch):
     masked = loss_and_grads()
     assert seen and not any(no_mask for no_mask, _ in seen[:2])  # padded: transformers passes a mask
     seen.clear()
-    hook = MaskFreeAttention.install(model)
+    hook = install_mask_free_attention(model)
     try:
         free = loss_and_grads()
         assert seen and all(no_mask and causal for no_mask, causal in seen)
@@ -256,14 +256,14 @@ def test_compiled_layers_keep_one_graph_without_masks():
     from torch._dynamo.utils import counters
 
     from lexfine.speed import compile_decoder_layers, uncompile_decoder_layers
-    from lexfine.train.speed import MaskFreeAttention
+    from lexfine.train.speed import install_mask_free_attention
 
     model = tiny_apertus().train()
     batches = [right_padded(n, seed=i) for i, n in enumerate(([32, 32, 32], [20, 17, 9], [12, 12, 12], [30, 8, 8]))]
     eager = [model(**b, use_cache=False).loss.item() for b in batches]
     torch._dynamo.reset()
     counters.clear()
-    hook = MaskFreeAttention.install(model)
+    hook = install_mask_free_attention(model)
     compile_decoder_layers(model, backend="eager", causal_mask_for_unpadded=False)
     try:
         compiled = [model(**b, use_cache=False).loss.item() for b in batches]

@@ -11,7 +11,8 @@
   of repeated) instead of the memory-efficient kernel over a materialised [B, 1, T, T] mask. Evaluation's default
   scoring does the same (lexfine.eval.loglik, "cached").
 
-Each is measured in benchmarks/train_throughput.py and tested for an unchanged loss trajectory.
+Each is measured (benchmarks/train_throughput.py, or `lexfine train` itself: docs/performance.md) and tested for
+an unchanged loss trajectory.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     compile_layers = compiles_layers(cfg)
     mask_free = mask_free_attention(cfg, model)
     if mask_free:
-        MaskFreeAttention.install(model)
+        install_mask_free_attention(model)
     if compile_layers:
         log.info("compiling %d decoder layers with torch.compile",
                  compile_decoder_layers(model, backend=backend, causal_mask_for_unpadded=not mask_free))
@@ -76,25 +77,22 @@ def mask_free_attention(cfg, model) -> bool:
     return applies if t.mask_free_attention is None else bool(t.mask_free_attention) and applies
 
 
-class MaskFreeAttention:
-    """Forward pre-hook on the decoder stack: in training, drops the batch's 2D padding mask, so transformers builds
-    no mask and SDPA runs with is_causal. Exact only for right padding (pads after every real token), which
+def install_mask_free_attention(model):
+    """A forward pre-hook on the decoder stack that, in training, drops the batch's 2D padding mask, so transformers
+    builds no mask and SDPA runs with is_causal. Exact only for right padding (pads after every real token), which
     `RightPadded` checks on each collated batch. The model's inputs keep the mask: the Trainer and TRL count real
-    tokens with it. Evaluation (model.eval() or no grad) and cached decoding keep their masks."""
+    tokens with it. Evaluation (model.eval() or no grad) and cached decoding keep their masks. Returns the hook."""
+    stack = decoder_stack(model, decoder_layers(model)[0])
+    return stack.register_forward_pre_hook(_drop_padding_mask, with_kwargs=True)
 
-    @staticmethod
-    def install(model):
-        stack = decoder_stack(model, decoder_layers(model)[0])
-        return stack.register_forward_pre_hook(MaskFreeAttention.drop_mask, with_kwargs=True)
 
-    @staticmethod
-    def drop_mask(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if not (module.training and torch.is_grad_enabled() and isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            return None
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            return None
-        return args, {**kwargs, "attention_mask": None}
+def _drop_padding_mask(module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if not (module.training and torch.is_grad_enabled() and isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return None
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        return None
+    return args, {**kwargs, "attention_mask": None}
 
 
 class RightPadded:

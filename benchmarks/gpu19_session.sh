@@ -12,6 +12,11 @@
 #                                 Triton caches); Dynamo recompiles over 1,000 steps (one epoch of the French rows)
 #                                 with the 8B's layers, 8 of them (the 8B's layer graph: same shapes and guards)
 #   e   carry .gpu19/w .gpu19/s   `lexfine eval` speed, compiled, from process start, on 2,500 French cases
+#   q   carry .gpu19/w .gpu19/s   (third session) a 10-s check that the GPU answers; cProfile of a 3-step `lexfine
+#                                 train` from cold inductor/Triton caches; the shipped config again with warm caches
+#                                 and train.profile_steps (where a steady step's device time goes); the mask-free
+#                                 GPU test with pytest's faulthandler (stacks of a hang). Each part writes to $OUT
+#                                 as it goes: a call that reaches its limit returns no stdout
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB)
 #   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
@@ -164,6 +169,34 @@ PY
       > "$W/evalspeed.log" 2>&1
     echo "lexfine eval: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -n 4 "$W/evalspeed.log"
     (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' evalspeed evalspeed.log 2>/dev/null)
+    ;;
+  q)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      timeout -k 5 60 python3 -c "import torch; torch.ones(1).cuda(); print('cuda ok', torch.__version__)"; } \
+      > "$OUT/session.log" 2>&1
+    export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
+    rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
+    t0=$(date +%s)
+    timeout -k 15 ${GPU19_PROFILE_S:-200} python3 -m cProfile -o "$W/step1.prof" -m lexfine.train $CFG "${COMMON[@]}" \
+      name=coldprofile model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" \
+      > "$W/coldprofile.log" 2>&1
+    echo "cold cProfile run: exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/session.log"
+    timeout -k 5 60 python3 - "$W/step1.prof" > "$OUT/step1.txt" 2>&1 <<'PY'
+import pstats, sys
+s = pstats.Stats(sys.argv[1])
+s.sort_stats("cumulative").print_stats(70)
+s.sort_stats("tottime").print_stats(35)
+PY
+    train warmprofile 220 $CFG model=$M8 $SJP train.max_steps=${GPU19_Q_STEPS:-45} train.grad_accum=1 \
+      train.save_steps=1000 "train.profile_steps=[${GPU19_PROFILE_WINDOW:-36,40}]" >> "$OUT/session.log" 2>&1
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    for f in summary.json ops.txt; do cp "$W"/runs/warmprofile-*/profile/$f "$OUT/" 2>/dev/null; done
+    left=$(( DEADLINE - $(date +%s) - 25 )); [ "$left" -gt 150 ] && left=150
+    [ "$left" -gt 30 ] && LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 10 $left python3 -m pytest -q -p no:cacheprovider \
+      -o faulthandler_timeout=110 tests/gpu/test_gpu.py -k mask_free > "$OUT/gpu_test.txt" 2>&1
+    echo "gpu test: exit $?" >> "$OUT/session.log"
+    table >> "$OUT/session.log" 2>&1
+    cp "$W/coldprofile.log" "$OUT/" 2>/dev/null
     ;;
   *)
     echo "unknown stage $stage (prep, s, p or e)" >&2

@@ -44,5 +44,5 @@ for m_path in sorted((w / "runs").glob("*/manifest.json")):
 print("\n".join(rows))
 EOF
   (cd "$W" && tar czf "$OUT/runs-$stage.tgz" --exclude='*.safetensors' --exclude='*/checkpoints' --exclude='*.bin' \
-     --exclude='*.pt' runs wall.jsonl ./*.log 2>/dev/null)
+     --exclude='*.pt' --exclude='trace.json.gz' runs wall.jsonl ./*.log 2>/dev/null)
 }

@@ -177,11 +177,22 @@ class TrainArgs(Section):
     """DataLoader worker processes."""
     keep_checkpoints: bool = False
     """Keep the resumable checkpoints (optimizer states included) after the run completed. Off: delete them."""
+    profile_steps: tuple[int, int] | None = None
+    """[FIRST, LAST]: record torch.profiler over these optimizer steps (1-based, inclusive) into the run's profile/
+    folder: device time by kernel family, the top operators, a Perfetto trace (src/lexfine/train/profile.py). A
+    diagnostic, not in the run id. null: off."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop a run after this many consecutive optimizer steps with a non-finite (NaN/inf) loss or gradient norm:
     status `diverged`, exit code 65, the checkpoint of the last finite step kept (non-finite steps are never
     checkpointed). A run that ends on a non-finite step is diverged too. With logging_steps > 1 a logged row
     counts for all the steps it averages."""
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile(cls, v):
+        if v is not None and not 1 <= v[0] <= v[1]:
+            raise ValueError(f"give [FIRST, LAST] optimizer steps with 1 <= FIRST <= LAST, not {list(v)}")
+        return v
 
     @field_validator("max_steps")
     @classmethod
@@ -318,7 +329,7 @@ ID_EXCLUDE = {
     "eval_during": True,  # scoring during training does not change the weights (RNG states are restored around it)
     "launch": True,
     "train": {"report_to", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "keep_checkpoints",
-              "max_nonfinite_steps",
+              "max_nonfinite_steps", "profile_steps",
               # speed knobs: same training, same run
               "checkpoint_fraction", "adaptive_checkpointing", "compile_layers", "pad_to_multiple_of",
               "mask_free_attention"},

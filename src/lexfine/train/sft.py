@@ -285,6 +285,10 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     preempt_cb = PreemptionCallback()
     timings_cb = TimingsCallback((lambda t: rd.update_manifest(timings=t)) if main else None, timings)
     diverge_cb = DivergenceCallback(cfg.train.max_nonfinite_steps)  # after preempt_cb: it sees its save requests
+    if main and cfg.train.profile_steps:
+        from lexfine.train.profile import ProfileCallback
+
+        callbacks.append(ProfileCallback(rd.path / "profile", *cfg.train.profile_steps))
     eval_cb = None
     if cfg.eval_during.every_steps:
         from lexfine.train.eval_during import EvalDuringCallback

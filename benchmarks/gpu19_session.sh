@@ -198,6 +198,20 @@ PY
     table >> "$OUT/session.log" 2>&1
     cp "$W/coldprofile.log" "$OUT/" 2>/dev/null
     ;;
+  f)
+    # SDPA's cuDNN kernels cost ~2 ms of host time per call (stage q's profile): flash-only against the default,
+    # each with a cache folder of its own (the compiled graph holds the kernel choice)
+    date -u > "$OUT/session.log"
+    for run in ${GPU19_F_RUNS:-flash cudnn}; do
+      export TORCHINDUCTOR_CACHE_DIR=$W/inductor-$run TRITON_CACHE_DIR=$W/triton-$run
+      knob=$([ "$run" = flash ] && echo false || echo null)
+      train $run 240 $CFG model=$M8 $SJP train.max_steps=${GPU19_F_STEPS:-200} train.grad_accum=1 train.save_steps=1000 \
+        train.cudnn_attention=$knob "train.profile_steps=[${GPU19_F_WINDOW:-196,200}]" >> "$OUT/session.log" 2>&1
+      for f in summary.json ops.txt; do cp "$W"/runs/$run-*/profile/$f "$OUT/$run-$f" 2>/dev/null; done
+    done
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    table >> "$OUT/session.log" 2>&1
+    ;;
   *)
     echo "unknown stage $stage (prep, s, p or e)" >&2
     exit 2

@@ -156,6 +156,9 @@ class TrainArgs(Section):
     since causal attention already keeps real tokens from the padding after them, and faster (flash kernel, upper
     triangle skipped; docs/performance.md). Each batch is checked to be right-padded. null: on wherever it is exact
     (SDPA, causal over the whole sequence, not padding_free); false: train with the padding mask."""
+    cudnn_attention: bool | None = None
+    """Whether SDPA may use PyTorch's cuDNN attention kernels in training (CUDA). false: flash (then memory-efficient)
+    kernels only. null: PyTorch's own choice."""
     group_by_length: bool = True
     """Batch sequences of similar length together: far less padding (SJP cases range from 0.2k to 10k tokens)."""
     padding_free: bool = False
@@ -332,7 +335,7 @@ ID_EXCLUDE = {
               "max_nonfinite_steps", "profile_steps",
               # speed knobs: same training, same run
               "checkpoint_fraction", "adaptive_checkpointing", "compile_layers", "pad_to_multiple_of",
-              "mask_free_attention"},
+              "mask_free_attention", "cudnn_attention"},
 }
 
 

@@ -39,6 +39,8 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
         from lexfine.kernels.xielu import patch_xielu
 
         fused = patch_xielu(model, backend=backend)
+    if cuda and t.cudnn_attention is not None:
+        torch.backends.cuda.enable_cudnn_sdp(t.cudnn_attention)  # before any layer is traced: the choice is compiled in
     compile_layers = compiles_layers(cfg)
     mask_free = mask_free_attention(cfg, model)
     if mask_free:
@@ -60,7 +62,8 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
                                                     if adaptive else None, compiled=bool(compile_layers)))
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
                "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg),
-               "mask_free_attention": mask_free}
+               "mask_free_attention": mask_free,
+               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled() if cuda else None}
     return callbacks, applied
 
 

@@ -212,6 +212,20 @@ PY
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
     table >> "$OUT/session.log" 2>&1
     ;;
+  g)
+    # the defaults after stage f (flash attention in training): `lexfine eval` speed, then Dynamo recompiles over
+    # 1,000 steps (one epoch of the French rows) with the 8B's layers, 8 of them
+    date -u > "$OUT/session.log"
+    t0=$(date +%s%N)
+    timeout -k 20 ${GPU19_EVAL_S:-260} python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
+      --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-2500} --compile --no-cache -q --out $W/evalspeed \
+      > "$W/evalspeed.log" 2>&1
+    echo "lexfine eval: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms" >> "$OUT/session.log"
+    (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' evalspeed evalspeed.log 2>/dev/null)
+    train recompile1000 300 $CFG model=$M8 $SJP train.max_steps=${GPU19_RECOMPILE_STEPS:-1000} train.grad_accum=1 \
+      train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}" >> "$OUT/session.log" 2>&1
+    table >> "$OUT/session.log" 2>&1
+    ;;
   *)
     echo "unknown stage $stage (prep, s, p or e)" >&2
     exit 2

@@ -39,10 +39,11 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
         from lexfine.kernels.xielu import patch_xielu
 
         fused = patch_xielu(model, backend=backend)
-    if cuda and t.cudnn_attention is not None:
-        torch.backends.cuda.enable_cudnn_sdp(t.cudnn_attention)  # before any layer is traced: the choice is compiled in
     compile_layers = compiles_layers(cfg)
     mask_free = mask_free_attention(cfg, model)
+    cudnn = t.cudnn_attention if t.cudnn_attention is not None else (False if mask_free else None)
+    if cuda and cudnn is not None:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)  # before any layer is traced: the kernel choice is compiled in
     if mask_free:
         install_mask_free_attention(model)
     if compile_layers:

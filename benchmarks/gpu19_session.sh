@@ -226,6 +226,31 @@ PY
       train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}" >> "$OUT/session.log" 2>&1
     table >> "$OUT/session.log" 2>&1
     ;;
+  h)
+    # the last minutes of a session: the mask-free GPU test with flash attention (the new default), and whether
+    # tokenizing scales past 8 processes on these vCPUs (the backend's own encode, no lexfine around it)
+    { date -u; lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\(s\))'; } > "$OUT/session.log"
+    timeout -k 5 40 python3 - "$W/tok" "$D/sjp/fr_train.parquet" >> "$OUT/session.log" 2>&1 <<'PY'
+import multiprocessing as mp, sys, time
+import pandas as pd
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+texts = [str(t) for t in pd.read_parquet(sys.argv[2])["text"]][:3000]
+def work(chunk):
+    return sum(len(tok.encode(t, add_special_tokens=False).ids) for t in chunk)
+for n in (1, 4, 8, 12, 16):
+    chunks = [texts[i::n * 4] for i in range(n * 4)]
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(n) as pool:
+        total = sum(pool.map(work, chunks))
+    dt = time.perf_counter() - t
+    print(f"raw tokenizer encode, {n:2d} processes: {len(texts) / dt:6.0f} texts/s ({total / dt / 1e6:.2f}M tokens/s)",
+          flush=True)
+PY
+    LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 5 ${GPU19_TEST_S:-140} python3 -m pytest -q -p no:cacheprovider \
+      -o faulthandler_timeout=130 tests/gpu/test_gpu.py -k mask_free > "$OUT/gpu_test.txt" 2>&1
+    echo "gpu test: exit $?" >> "$OUT/session.log"
+    ;;
   *)
     echo "unknown stage $stage (prep, s, p or e)" >&2
     exit 2

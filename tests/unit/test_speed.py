@@ -272,3 +272,34 @@ def test_compiled_layers_keep_one_graph_without_masks():
         hook.remove()
     assert compiled == pytest.approx(eager, rel=1e-5)
     assert counters["frames"]["total"] == 1
+
+
+@pytest.mark.parametrize("setting, mask_free, expected", [
+    (None, True, False), (None, False, None), (True, True, True), (False, False, False)])
+def test_cudnn_attention_is_off_by_default_only_where_batches_are_mask_free(setting, mask_free, expected):
+    from types import SimpleNamespace
+
+    from lexfine.train.speed import cudnn_attention
+
+    assert cudnn_attention(SimpleNamespace(train=SimpleNamespace(cudnn_attention=setting)), mask_free) is expected
+
+
+def test_a_cuda_run_turns_cudnn_attention_off_before_anything_is_traced(monkeypatch):
+    from lexfine.config import build_config
+    from lexfine.train.speed import apply_speed_levers
+
+    cfg = build_config({}, ["model=smollm2-135m", "train.compile_layers=false", "train.fused_activation=false"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        _, applied = apply_speed_levers(cfg, tiny_apertus())
+        assert applied["mask_free_attention"] is True
+        assert applied["cudnn_attention"] is False and torch.backends.cuda.cudnn_sdp_enabled() is False
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        _, applied = apply_speed_levers(build_config({}, ["model=smollm2-135m", "train.compile_layers=false",
+                                                          "train.fused_activation=false",
+                                                          "train.mask_free_attention=false"]), tiny_apertus())
+        assert applied["cudnn_attention"] is True  # a masked batch cannot use flash: PyTorch chooses
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

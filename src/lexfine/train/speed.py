@@ -9,7 +9,9 @@
   already keeps every real token from seeing the padding after it, so the real tokens' outputs and the loss are
   those of the masked batch, while SDPA can run its flash kernel (upper triangle skipped, K/V heads shared instead
   of repeated) instead of the memory-efficient kernel over a materialised [B, 1, T, T] mask. Evaluation's default
-  scoring does the same (lexfine.eval.loglik, "cached").
+  scoring does the same (lexfine.eval.loglik, "cached");
+- flash attention instead of cuDNN's (train.cudnn_attention): the same exact attention with far less host time per
+  call, which is what a LoRA step on one GPU waits for.
 
 Each is measured (benchmarks/train_throughput.py, or `lexfine train` itself: docs/performance.md) and tested for
 an unchanged loss trajectory.
@@ -41,7 +43,7 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
         fused = patch_xielu(model, backend=backend)
     compile_layers = compiles_layers(cfg)
     mask_free = mask_free_attention(cfg, model)
-    cudnn = t.cudnn_attention if t.cudnn_attention is not None else (False if mask_free else None)
+    cudnn = cudnn_attention(cfg, mask_free)
     if cuda and cudnn is not None:
         torch.backends.cuda.enable_cudnn_sdp(cudnn)  # before any layer is traced: the kernel choice is compiled in
     if mask_free:
@@ -66,6 +68,15 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
                "mask_free_attention": mask_free,
                "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled() if cuda else None}
     return callbacks, applied
+
+
+def cudnn_attention(cfg, mask_free: bool) -> bool | None:
+    """Whether SDPA may pick its cuDNN kernels in training: train.cudnn_attention, or (null) not where batches reach
+    attention mask-free. There the flash kernel runs instead: cuDNN's costs ~2 ms of host time per call as lengths
+    change (the profile in docs/performance.md), a third of a steady step on an H200. None: PyTorch's choice."""
+    if cfg.train.cudnn_attention is not None:
+        return cfg.train.cudnn_attention
+    return False if mask_free else None
 
 
 def mask_free_attention(cfg, model) -> bool:

@@ -284,22 +284,31 @@ def test_cudnn_attention_is_off_by_default_only_where_batches_are_mask_free(sett
     assert cudnn_attention(SimpleNamespace(train=SimpleNamespace(cudnn_attention=setting)), mask_free) is expected
 
 
-def test_a_cuda_run_turns_cudnn_attention_off_before_anything_is_traced(monkeypatch):
+def test_a_cuda_run_trains_without_cudnn_attention_and_restores_it_for_evaluation(monkeypatch):
     from lexfine.config import build_config
-    from lexfine.train.speed import apply_speed_levers
+    from lexfine.train.speed import apply_speed_levers, attention_kernels
 
-    cfg = build_config({}, ["model=smollm2-135m", "train.compile_layers=false", "train.fused_activation=false"])
+    def levers(*extra):
+        cfg = build_config({}, ["model=smollm2-135m", "train.compile_layers=false", "train.fused_activation=false",
+                                *extra])
+        return apply_speed_levers(cfg, tiny_apertus())[1]
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
-        _, applied = apply_speed_levers(cfg, tiny_apertus())
-        assert applied["mask_free_attention"] is True
-        assert applied["cudnn_attention"] is False and torch.backends.cuda.cudnn_sdp_enabled() is False
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        _, applied = apply_speed_levers(build_config({}, ["model=smollm2-135m", "train.compile_layers=false",
-                                                          "train.fused_activation=false",
-                                                          "train.mask_free_attention=false"]), tiny_apertus())
-        assert applied["cudnn_attention"] is True  # a masked batch cannot use flash: PyTorch chooses
+        applied = levers()
+        assert applied["mask_free_attention"] is True and applied["cudnn_attention"] is False
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True  # deciding changes nothing yet
+        with attention_kernels(applied):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is False  # training: flash
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True  # evaluation after training: as before
+        with pytest.raises(RuntimeError), attention_kernels(applied):
+            raise RuntimeError("a failed step")
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        masked = levers("train.mask_free_attention=false")
+        assert masked["cudnn_attention"] is True  # a masked batch cannot use flash: PyTorch chooses
+        with attention_kernels(masked):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is True
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)

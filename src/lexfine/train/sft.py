@@ -241,7 +241,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     from lexfine.train.callbacks import MetricsCallback
     from lexfine.train.divergence import DivergenceCallback, record_divergence
     from lexfine.train.preemption import PreemptionCallback
-    from lexfine.train.speed import apply_speed_levers
+    from lexfine.train.speed import apply_speed_levers, attention_kernels
     from lexfine.train.timings import TimingsCallback
 
     # Resolved before build_args: under ZeRO-3 the SFTConfig switches transformers to zero.Init, and the embedded
@@ -311,7 +311,8 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
 
     start = time.perf_counter()
     guard.armed = False  # in the loop a signal means "checkpoint at the next step" (PreemptionCallback)
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    with attention_kernels(speed):
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     preempt_cb.uninstall()
     guard.armed = True  # from here (saving, evaluating) a signal stops at once
     wall = elapsed0 + time.perf_counter() - start

@@ -20,6 +20,7 @@ an unchanged loss trajectory.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import TrainerCallback
@@ -44,8 +45,6 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     compile_layers = compiles_layers(cfg)
     mask_free = mask_free_attention(cfg, model)
     cudnn = cudnn_attention(cfg, mask_free)
-    if cuda and cudnn is not None:
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)  # before any layer is traced: the kernel choice is compiled in
     if mask_free:
         install_mask_free_attention(model)
     if compile_layers:
@@ -66,8 +65,22 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
                "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg),
                "mask_free_attention": mask_free,
-               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled() if cuda else None}
+               "cudnn_attention": (torch.backends.cuda.cudnn_sdp_enabled() if cudnn is None else cudnn) if cuda else None}
     return callbacks, applied
+
+
+@contextmanager
+def attention_kernels(applied: dict):
+    """Training's SDPA kernel choice (`applied["cudnn_attention"]` from apply_speed_levers), then PyTorch's setting as
+    it was: evaluation after training scores with the kernels `lexfine eval` uses. Entered before the first forward,
+    since compiled layers hold the kernel chosen when they were traced. Evaluation during training runs inside it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    if applied.get("cudnn_attention") is not None:
+        torch.backends.cuda.enable_cudnn_sdp(bool(applied["cudnn_attention"]))
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def cudnn_attention(cfg, mask_free: bool) -> bool | None:

@@ -12,6 +12,10 @@
 #                                 Triton caches); Dynamo recompiles over 1,000 steps (one epoch of the French rows)
 #                                 with the 8B's layers, 8 of them (the 8B's layer graph: same shapes and guards)
 #   e   carry .gpu19/w .gpu19/s   `lexfine eval` speed, compiled, from process start, on 2,500 French cases
+#   n   carry .gpu19/w .gpu19/s   host-side levers still to measure, each a plain override of the shipped config, one
+#                                 compile cache for all: the default; train.optim=adamw_torch_fused (AdamW's step
+#                                 took ~13 ms of host time per step in stage q's profile); batch 8 with the same
+#                                 global batch (half the per-token host work, more recomputation under 60 GiB)
 #   q   carry .gpu19/w .gpu19/s   (third session) a 10-s check that the GPU answers; cProfile of a 3-step `lexfine
 #                                 train` from cold inductor/Triton caches; the shipped config again with warm caches
 #                                 and train.profile_steps (where a steady step's device time goes); the mask-free
@@ -250,6 +254,17 @@ PY
     LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 5 ${GPU19_TEST_S:-140} python3 -m pytest -q -p no:cacheprovider \
       -o faulthandler_timeout=130 tests/gpu/test_gpu.py -k mask_free > "$OUT/gpu_test.txt" 2>&1
     echo "gpu test: exit $?" >> "$OUT/session.log"
+    ;;
+  n)
+    date -u > "$OUT/session.log"
+    export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
+    base=($CFG model=$M8 $SJP train.max_steps=${GPU19_N_STEPS:-200} train.grad_accum=1 train.save_steps=1000)
+    train default 200 "${base[@]}" >> "$OUT/session.log" 2>&1
+    train fusedadamw 180 "${base[@]}" train.optim=adamw_torch_fused >> "$OUT/session.log" 2>&1
+    train batch8 180 "${base[@]}" train.batch_size=8 train.checkpoint_fraction=${GPU19_B8_FRACTION:-0.8125} \
+      train.max_steps=$(( ${GPU19_N_STEPS:-200} / 2 )) >> "$OUT/session.log" 2>&1
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    table >> "$OUT/session.log" 2>&1
     ;;
   *)
     echo "unknown stage $stage (prep, s, p or e)" >&2

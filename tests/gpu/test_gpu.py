@@ -74,6 +74,7 @@ def test_mask_free_attention_keeps_the_loss_trajectory_on_cuda(tiny_config, tmp_
                                       **common)))
     assert free.manifest()["speed"]["mask_free_attention"] is True
     assert masked.manifest()["speed"]["mask_free_attention"] is False
+    assert free.manifest()["speed"]["cudnn_attention"] is False  # mask-free batches train with the flash kernel
     a = [r["loss"] for r in free.metrics()]
     b = [r["loss"] for r in masked.metrics()]
     assert a == pytest.approx(b, rel=3e-2)

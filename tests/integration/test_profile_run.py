@@ -15,3 +15,9 @@ def test_a_run_writes_its_profile_window(tiny_config):
     trace = json.loads(gzip.open(rd.path / "profile" / "trace.json.gz").read())
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     assert rd.manifest()["status"] == "completed"
+
+
+def test_a_window_the_run_never_reaches_profiles_nothing_and_completes(tiny_config, caplog):
+    rd = run(validate(tiny_config(train__profile_steps=[9, 10])))  # 4 steps
+    assert rd.manifest()["status"] == "completed" and not (rd.path / "profile").exists()
+    assert "never began step 9" in caplog.text

@@ -101,8 +101,8 @@ class ProfileCallback(TrainerCallback):
         if self.prof is not None:  # the run ended inside the window: keep what was recorded
             self.on_step_end(args, state, control)
         elif not self.done:
-            log.warning("train.profile_steps=[%d, %d]: the run ended at step %d, before the window; nothing profiled",
-                        self.first, self.last, state.global_step)
+            log.warning("train.profile_steps=[%d, %d]: this process never began step %d (it ended, or resumed past "
+                        "it, at step %d); nothing profiled", self.first, self.last, self.first, state.global_step)
 
     def write(self, prof, wall: float, steps: int, tokens: float | None) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

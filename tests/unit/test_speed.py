@@ -300,9 +300,13 @@ def test_a_cuda_run_trains_without_cudnn_attention_and_restores_it_for_evaluatio
         applied = levers()
         assert applied["mask_free_attention"] is True and applied["cudnn_attention"] is False
         assert torch.backends.cuda.cudnn_sdp_enabled() is True  # deciding changes nothing yet
+        tag = torch.compiler.config.cache_key_tag
         with attention_kernels(applied):
             assert torch.backends.cuda.cudnn_sdp_enabled() is False  # training: flash
+            # compile caches on disk keep layers compiled with cuDNN's kernel apart
+            assert torch.compiler.config.cache_key_tag == f"{tag}|lexfine-cudnn-sdpa=0"
         assert torch.backends.cuda.cudnn_sdp_enabled() is True  # evaluation after training: as before
+        assert torch.compiler.config.cache_key_tag == tag
         with pytest.raises(RuntimeError), attention_kernels(applied):
             raise RuntimeError("a failed step")
         assert torch.backends.cuda.cudnn_sdp_enabled() is True

@@ -73,14 +73,25 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
 def attention_kernels(applied: dict):
     """Training's SDPA kernel choice (`applied["cudnn_attention"]` from apply_speed_levers), then PyTorch's setting as
     it was: evaluation after training scores with the kernels `lexfine eval` uses. Entered before the first forward,
-    since compiled layers hold the kernel chosen when they were traced. Evaluation during training runs inside it."""
+    since compiled layers hold the kernel chosen when they were traced. Evaluation during training runs inside it.
+
+    The choice is also written into torch.compile's cache key tag: the compile caches on disk (inductor's FX graph
+    and AOTAutograd caches, which outlive a run) key a layer by its traced graph, where the kernel is chosen only
+    later, so a layer compiled with the other choice could otherwise be loaded."""
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    if applied.get("cudnn_attention") is not None:
-        torch.backends.cuda.enable_cudnn_sdp(bool(applied["cudnn_attention"]))
+    choice = applied.get("cudnn_attention")
+    cconfig = getattr(torch.compiler, "config", None)
+    tag_before = getattr(cconfig, "cache_key_tag", None)
+    if choice is not None:
+        torch.backends.cuda.enable_cudnn_sdp(bool(choice))
+        if tag_before is not None:
+            cconfig.cache_key_tag = f"{tag_before}|lexfine-cudnn-sdpa={int(bool(choice))}"
     try:
         yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+        if tag_before is not None:
+            cconfig.cache_key_tag = tag_before
 
 
 def cudnn_attention(cfg, mask_free: bool) -> bool | None:

@@ -167,11 +167,14 @@ PY
     ;;
   e)
     # evaluation through `lexfine eval`, compiled, from process start
+    # with batches 60-64 profiled (after the compilation of the first batches; LEXFINE_EVAL_PROFILE)
     t0=$(date +%s%N)
-    timeout -k 20 $(( DEADLINE - $(date +%s) - 30 )) python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
+    LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-60-64} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
+      timeout -k 20 $(( DEADLINE - $(date +%s) - 30 )) python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
       --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-2500} --compile --no-cache -q --out $W/evalspeed \
       > "$W/evalspeed.log" 2>&1
     echo "lexfine eval: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -n 4 "$W/evalspeed.log"
+    for f in summary.json ops.txt; do cp "$W"/evalprofile/*/$f "$OUT/eval-$f" 2>/dev/null; done
     (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' evalspeed evalspeed.log 2>/dev/null)
     ;;
   q)

@@ -211,3 +211,23 @@ def test_scoring_compiles_by_default_only_on_a_gpu_and_for_large_sets(monkeypatc
     assert runner.compile_scoring(None, "loglik", tiny, big)
     assert not runner.compile_scoring(None, "loglik", tiny, big - 1)
     assert not runner.compile_scoring(False, "loglik", tiny, 10 * big)
+
+
+def test_eval_profile_window_records_the_batches_it_names_and_scores_the_same(tiny, monkeypatch, tmp_path):
+    import json
+
+    from lexfine.errors import LexfineError
+
+    cases = _cases()
+    plain = score_cases(tiny, cases, batch_size=1, progress=False)
+    monkeypatch.setenv("LEXFINE_EVAL_PROFILE", "2-3")
+    monkeypatch.setenv("LEXFINE_EVAL_PROFILE_DIR", str(tmp_path))
+    assert score_cases(tiny, cases, batch_size=1, progress=False, desc="sjp test") == plain
+    s = json.loads((tmp_path / "sjp_test" / "summary.json").read_text())
+    from lexfine.eval.loglik import _block
+
+    longest_first = sorted((len(c.prompt) + len(_block(c.candidates)[0]) for c in cases), reverse=True)
+    assert s["steps"] == 2 and s["real_tokens"] == sum(longest_first[1:3])
+    monkeypatch.setenv("LEXFINE_EVAL_PROFILE", "3")
+    with pytest.raises(LexfineError, match="FIRST-LAST"):
+        score_cases(tiny, cases, batch_size=1, progress=False)

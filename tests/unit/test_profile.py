@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lexfine.config import validate
-from lexfine.train.profile import family, summarize
+from lexfine.profiling import family, summarize
 
 
 def test_kernels_are_grouped_by_family():

@@ -314,14 +314,51 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
     batches = length_batches(lengths, batch_size, max_batch_tokens)
     extra = max(0, (n_batches_min or 0) - len(batches))
     results: list[list[float] | None] = [None] * len(cases)
+    window = profile_window(desc)
+    tokens = 0
     ctx = torch.no_grad() if _distributed() else torch.inference_mode()  # sharded engines modify params in place
     with ctx:
-        for b in tqdm(batches + batches[-1:] * extra, desc=desc, unit="batch", disable=not progress, leave=False):
+        for n, b in enumerate(tqdm(batches + batches[-1:] * extra, desc=desc, unit="batch", disable=not progress,
+                                   leave=False), 1):
             rows = [cases[i] for i in b]
+            if window:
+                window.begin(n, tokens)
             scores = fn(model, rows + rows[-1:] * (min_rows - len(rows)), pad_id, device)
             for i, s in zip(b, scores):
                 results[i] = s
+            if window:
+                tokens += sum(lengths[i] for i in b)
+                window.end(n, tokens, force=n == len(batches) + extra)
+    if window and not window.done:
+        import logging
+
+        logging.getLogger("lexfine.eval").warning("LEXFINE_EVAL_PROFILE: %s ran %d batches, none of them batch %d; "
+                                                  "nothing profiled", desc, len(batches) + extra, window.first)
     return results  # type: ignore[return-value]
+
+
+def profile_window(desc: str):
+    """`LEXFINE_EVAL_PROFILE=FIRST-LAST`: torch.profiler over those scoring batches (1-based, in the longest-first
+    order they run), written to `$LEXFINE_EVAL_PROFILE_DIR/<desc>/` (default ./lexfine-eval-profile/; lexfine.profiling
+    says what is in it). Unset: None."""
+    import os
+    import re
+
+    spec = os.environ.get("LEXFINE_EVAL_PROFILE")
+    if not spec:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        from lexfine.errors import LexfineError
+
+        raise LexfineError(f"LEXFINE_EVAL_PROFILE={spec!r}: give FIRST-LAST scoring batches (1 <= FIRST <= LAST), "
+                           "e.g. 5-8, or unset it")
+    from pathlib import Path
+
+    from lexfine.profiling import ProfileWindow
+
+    root = Path(os.environ.get("LEXFINE_EVAL_PROFILE_DIR") or "lexfine-eval-profile")
+    return ProfileWindow(root / re.sub(r"[^A-Za-z0-9_.-]+", "_", desc), int(m[1]), int(m[2]))
 
 
 def _distributed() -> bool:

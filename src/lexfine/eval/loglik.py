@@ -340,7 +340,8 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
 def profile_window(desc: str):
     """`LEXFINE_EVAL_PROFILE=FIRST-LAST`: torch.profiler over those scoring batches (1-based, in the longest-first
     order they run), written to `$LEXFINE_EVAL_PROFILE_DIR/<desc>/` (default ./lexfine-eval-profile/; lexfine.profiling
-    says what is in it). Unset: None."""
+    says what is in it; a later scoring call for the same task, e.g. the next evaluation during training, writes
+    over it). Unset: None."""
     import os
     import re
 

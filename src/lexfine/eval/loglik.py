@@ -346,7 +346,7 @@ def profile_window(desc: str):
     import re
 
     spec = os.environ.get("LEXFINE_EVAL_PROFILE")
-    if not spec:
+    if not spec or (_distributed() and torch.distributed.get_rank() != 0):  # one writer: rank 0
         return None
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
     if not m or not 1 <= int(m[1]) <= int(m[2]):

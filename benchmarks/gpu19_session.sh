@@ -7,10 +7,6 @@
 #                                 4,251 French train-year rows, 200 steps, with it (the default) and without it; an
 #                                 SDPA micro-benchmark that says which kernel each form gets; cold data preparation
 #                                 with 8 and 16 workers
-#   p   carry .gpu19/w .gpu19/s   the mask-free GPU test; whether raw tokenization scales past 8 processes here; where
-#                                 step 1's time goes (cProfile over a 3-step `lexfine train`, fresh inductor and
-#                                 Triton caches); Dynamo recompiles over 1,000 steps (one epoch of the French rows)
-#                                 with the 8B's layers, 8 of them (the 8B's layer graph: same shapes and guards)
 #   e   carry .gpu19/w .gpu19/s   `lexfine eval` speed, compiled, from process start, on 2,500 French cases
 #   n   carry .gpu19/w .gpu19/s   host-side levers still to measure, each a plain override of the shipped config, one
 #                                 compile cache for all: the default; train.optim=adamw_torch_fused (AdamW's step
@@ -21,13 +17,17 @@
 #                                 and train.profile_steps (where a steady step's device time goes); the mask-free
 #                                 GPU test with pytest's faulthandler (stacks of a hang). Each part writes to $OUT
 #                                 as it goes: a call that reaches its limit returns no stdout
+#   f   carry .gpu19/w .gpu19/s   the shipped config with flash attention (train.cudnn_attention=false) and with
+#                                 PyTorch's choice (cuDNN), each with empty compile caches, steps 196-200 profiled
+#   g   carry .gpu19/w .gpu19/s   stage e's `lexfine eval`, then Dynamo recompiles over 1,000 steps (8 of the 8B's layers)
+#   h   carry .gpu19/w .gpu19/s   the bare tokenizer over 1-16 processes; the mask-free GPU test (about 2 minutes)
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB)
 #   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, p or e}
+stage=${1:?stage prep, s, e, q, f, g, h or n}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
@@ -114,55 +114,6 @@ PY
       timeout $(( left - 10 )) python3 benchmarks/data_prep.py --data $D/sjp/fr_train.parquet --tokenizer $W/tok \
         --workers ${GPU19_PREP_WORKERS:-16,8} --limit 0 2>&1 | grep -v Warning | tee "$OUT/data_prep.txt"
     fi
-    table
-    ;;
-  p)
-    LEXFINE_TEST_TOKENIZER=$W/tok timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py \
-      -k mask_free 2>&1 | tail -n 3
-    # does tokenizing scale past 8 processes on this machine? the backend's own encode, no lexfine around it
-    timeout 60 python3 - "$W/tok" "$D/sjp/fr_train.parquet" <<'PY'
-import multiprocessing as mp, sys, time
-import pandas as pd
-from tokenizers import Tokenizer
-tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
-texts = [str(t) for t in pd.read_parquet(sys.argv[2])["text"]][:4000]
-def work(chunk):
-    return sum(len(tok.encode(t, add_special_tokens=False).ids) for t in chunk)
-for n in (1, 4, 8, 16):
-    chunks = [texts[i::n * 4] for i in range(n * 4)]
-    t = time.perf_counter()
-    with mp.get_context("fork").Pool(n) as pool:
-        total = sum(pool.map(work, chunks))
-    dt = time.perf_counter() - t
-    print(f"raw tokenizer encode, {n:2d} processes: {len(texts) / dt:6.0f} texts/s ({total / dt / 1e6:.2f}M tokens/s)")
-PY
-    # step 1 profiled from a cold start: inductor and Triton caches of its own
-    export TORCHINDUCTOR_CACHE_DIR=$W/inductor-cold TRITON_CACHE_DIR=$W/triton-cold
-    rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
-    t0=$(date +%s)
-    timeout -k 20 240 python3 -m cProfile -o "$OUT/step1.prof" -m lexfine.train $CFG "${COMMON[@]}" name=profile \
-      model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" > "$W/profile.log" 2>&1
-    echo "profile run: exit $? after $(( $(date +%s) - t0 )) s"; tail -n 3 "$W/profile.log"
-    python3 - "$OUT/step1.prof" <<'PY' > "$OUT/step1.txt" 2>&1
-import pstats, sys
-s = pstats.Stats(sys.argv[1])
-s.sort_stats("cumulative").print_stats(60)
-s.sort_stats("tottime").print_stats(30)
-PY
-    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
-    head -c 6000 "$OUT/step1.txt" | tail -c 4500
-    # recompiles over one epoch of the French rows (1,000 steps), the 8B's layers, 8 of them
-    train recompile1000 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_RECOMPILE_STEPS:-1000} train.grad_accum=1 \
-      train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}"
-    table
-    cp "$W/profile.log" "$OUT/"
-    ;;
-  r)
-    # the two parts of stage p that count most, alone (stage p once ran past a 10-minute call and returned nothing)
-    LEXFINE_TEST_TOKENIZER=$W/tok timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu.py \
-      -k mask_free 2>&1 | tail -n 3 | tee "$OUT/gpu_test.txt"
-    train recompile1000 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_RECOMPILE_STEPS:-1000} train.grad_accum=1 \
-      train.save_steps=5000 "model_args.arch_overrides={num_hidden_layers: 8}"
     table
     ;;
   e)
@@ -270,7 +221,7 @@ PY
     table >> "$OUT/session.log" 2>&1
     ;;
   *)
-    echo "unknown stage $stage (prep, s, p or e)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h or n)" >&2
     exit 2
     ;;
 esac

@@ -225,8 +225,10 @@ _register_plugins()
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2 (or the error's own exit_code,
     errors.py), not a traceback."""
+    from lexfine import compile_cache
     from lexfine.errors import EXIT_LOCKED, EXIT_USER_ERROR
 
+    compile_cache.adopt()  # before torch's inductor is imported: compiled kernels outlive the run (compile_cache.py)
     try:
         app(args=argv)
     except LexfineError as e:

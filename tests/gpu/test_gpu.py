@@ -75,6 +75,7 @@ def test_mask_free_attention_keeps_the_loss_trajectory_on_cuda(tiny_config, tmp_
     assert free.manifest()["speed"]["mask_free_attention"] is True
     assert masked.manifest()["speed"]["mask_free_attention"] is False
     assert free.manifest()["speed"]["cudnn_attention"] is False  # mask-free batches train with the flash kernel
+    assert free.manifest()["speed"]["compile_cache"] == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # inductor's folder
     a = [r["loss"] for r in free.metrics()]
     b = [r["loss"] for r in masked.metrics()]
     assert a == pytest.approx(b, rel=3e-2)

@@ -162,7 +162,8 @@ def test_speed_levers_keep_the_loss_trajectory(tiny_config, tmp_path, method):
     assert scores[0]["n"] == 6 and scores[0]["accuracy"] == scores[1]["accuracy"]
     assert fast.manifest()["speed"] == {"fused_activation": True, "compiled_layers": True, "checkpointed_fraction": 0.5,
                                           "adaptive_checkpointing": True, "pad_to_multiple_of": 8,
-                                          "mask_free_attention": True, "cudnn_attention": None}  # None: a CPU
+                                          "mask_free_attention": True, "cudnn_attention": None,  # None: a CPU
+                                          "compile_cache": None}  # aot_eager on a CPU: no inductor cache
     assert plain.manifest()["speed"]["compiled_layers"] is False  # CPU: auto = off
     assert plain.manifest()["speed"]["checkpointed_fraction"] == 0.0
     assert plain.manifest()["speed"]["pad_to_multiple_of"] is None  # not compiled: padded to the longest only

@@ -25,14 +25,16 @@ def test_manifest_times_the_run_from_process_start(tiny_config, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     m = RunDir(out.stdout.strip().splitlines()[-1]).manifest()
     t = m["timings"]
-    assert list(t) == ["data_prep_s", "model_load_s", "train_begin_s", "first_step_s", "warmup_steps",
-                       "steady_tokens_per_s", "recompiles"]
+    assert list(t) == ["data_prep_s", "model_load_s", "train_begin_s", "first_step_s", "compile_s", "compile_cache",
+                       "warmup_steps", "steady_tokens_per_s", "recompiles"]
     assert 0 < t["data_prep_s"] < wall and 0 < t["model_load_s"] < wall
     # process start (interpreter and imports included) to the end of step 1: everything before it, within the
     # process's own lifetime
     assert t["data_prep_s"] + t["model_load_s"] < t["train_begin_s"] < t["first_step_s"] < wall
     assert t["warmup_steps"] == 1  # 4 steps: only step 1 is left out
     assert t["steady_tokens_per_s"] > 0 and t["recompiles"] == 0  # nothing compiled on a CPU by default
+    assert 0 <= t["compile_s"] < t["first_step_s"]  # the xIELU kernel compiles with aot_eager on a CPU
+    assert t["compile_cache"]["fxgraph_hits"] == t["compile_cache"]["fxgraph_misses"] == 0  # no inductor
     rows = [json.loads(r) for r in (RunDir(out.stdout.strip().splitlines()[-1]).metrics_path.read_text().splitlines())]
     elapsed = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     tokens = rows[-1]["num_tokens"] - rows[0]["num_tokens"]

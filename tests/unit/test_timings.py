@@ -30,7 +30,9 @@ def test_steady_rate_and_recompiles_leave_out_the_warmup(monkeypatch):
     assert final["recompiles"] == 1 and final["warmup_steps"] == 4
     assert final["steady_tokens_per_s"] == 1000.0  # steps 5-40: 36 x 1000 tokens in 36 s
     assert final["data_prep_s"] == 1.0 and final["first_step_s"] > 0
-    assert written[0].keys() == {"data_prep_s", "model_load_s", "train_begin_s", "first_step_s"}  # at step 1's end
+    assert written[0].keys() == {"data_prep_s", "model_load_s", "train_begin_s", "first_step_s",  # at step 1's end
+                                 "compile_s", "compile_cache"}
+    assert final["compile_s"] >= written[0]["compile_s"] >= 0
     assert 0 <= written[0]["train_begin_s"] <= written[0]["first_step_s"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from lexfine import compile_cache
 from lexfine.config import load_config
 from lexfine.errors import EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USER_ERROR, LexfineError, exit_code_for_status
 
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lexfine.train CONFIG.yaml [key=value ...]")
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    compile_cache.adopt()
     try:
         cfg = load_config(argv[0], argv[1:])
         from lexfine.train import run

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from transformers import TrainerCallback
 
+from lexfine import compile_cache
 from lexfine.errors import DataError
 from lexfine.speed import causal_sdpa, compile_decoder_layers, decoder_layers
 
@@ -65,7 +66,8 @@ def apply_speed_levers(cfg, model) -> tuple[list, dict]:
     applied = {"fused_activation": fused > 0, "compiled_layers": bool(compile_layers), "checkpointed_fraction": fraction,
                "adaptive_checkpointing": adaptive, "pad_to_multiple_of": pad_to_multiple_of(cfg),
                "mask_free_attention": mask_free,
-               "cudnn_attention": (torch.backends.cuda.cudnn_sdp_enabled() if cudnn is None else cudnn) if cuda else None}
+               "cudnn_attention": (torch.backends.cuda.cudnn_sdp_enabled() if cudnn is None else cudnn) if cuda else None,
+               "compile_cache": compile_cache.in_use() if cuda and (compile_layers or fused) else None}  # inductor's
     return callbacks, applied
 
 

@@ -14,6 +14,10 @@
                          eval_during.seconds (first_step_s includes the step-0 evaluation)
     recompiles           torch.compile (Dynamo) frame compilations after step W: every one stalls a step; 0 when
                          nothing is compiled (a CPU run with train.compile_layers off)
+    compile_s            seconds this process spent in Dynamo's frame compilations (tracing, AOTAutograd, inductor,
+                         loading from the compile cache), written with first_step_s and again at the end
+    compile_cache        hits and misses of inductor's FX graph cache and of the AOTAutograd cache: all misses on a
+                         first run, hits when the compile cache (lexfine.compile_cache) kept an earlier run's graphs
 
 Process start is the OS's (/proc/self/stat), so interpreter start-up and imports count; elsewhere the time lexfine
 was first imported.
@@ -27,6 +31,7 @@ import time
 from transformers import TrainerCallback
 
 import lexfine
+from lexfine import compile_cache
 
 
 def process_start_time() -> float:
@@ -96,6 +101,7 @@ class TimingsCallback(TrainerCallback):
             self.first_step = state.global_step
             _synchronize()  # a GPU may still be running the step the Python side has already queued
             self.timings["first_step_s"] = round(time.time() - self.started, 2)
+            self.timings.update(compile_cache.stats())
             self._emit()  # written now: a run that dies later still tells how long it took to start
         if state.global_step - self.first_step + 1 == self.warmup:
             self.compiled_at_warmup = dynamo_compilations()
@@ -112,5 +118,6 @@ class TimingsCallback(TrainerCallback):
             rate = round((n1 - n0) / (t1 - t0), 1) if t1 > t0 and n1 > n0 else None
         self.timings.update(
             warmup_steps=self.warmup, steady_tokens_per_s=rate,
-            recompiles=dynamo_compilations() - self.compiled_at_warmup if self.compiled_at_warmup is not None else 0)
+            recompiles=dynamo_compilations() - self.compiled_at_warmup if self.compiled_at_warmup is not None else 0,
+            **compile_cache.stats())
         self._emit()

@@ -58,10 +58,15 @@ def test_data_prep_prints_serial_parallel_and_cached_rows(capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from data_prep import main
 
-    assert main(["--limit", "6", "--workers", "1,2", "--max-length", "2048"]) == 0  # 0: every row gave one Dataset
+    # 0: every row gave one Dataset, and the eval prompts of every worker count were the same
+    assert main(["--limit", "6", "--workers", "1,2", "--max-length", "2048", "--eval-prompts"]) == 0
     out = capsys.readouterr().out
     assert "cold, serial" in out and "cold, parallel" in out and "DIFFERS" not in out
-    assert "| cached (second run)    | - |" in out and out.rstrip().endswith("True |")
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    cached = next(r for r in rows if r.startswith("| cached (second run)    | - |"))
+    assert cached.endswith("True |")
+    assert [r.split("|")[2].strip() for r in rows if r.startswith("| bare tokenizers encode")] == ["1", "2"]
+    assert [r.split("|")[2].strip() for r in rows if r.startswith("| eval prompts")] == ["1", "2"]
 
 
 def test_multigpu_prints_its_table_and_json_when_the_budget_allows_no_run(tmp_path):

@@ -88,3 +88,26 @@ def test_no_chat_template_is_a_one_line_error(smollm_tokenizer):
     tok.chat_template = None
     with pytest.raises(ModelError, match="chat template"):
         make_plan(tok, get_task("sjp"), "loglik", 512)
+
+
+def test_prompts_built_by_forked_workers_are_the_serial_ones_in_order(smollm_tokenizer, monkeypatch):
+    from lexfine.data import prepare
+    from lexfine.eval.runner import build_prompts
+
+    cases, _ = load_cases(get_task("sjp"), "loglik", "bundled:sjp_fr_heldout", DataArgs(), limit=40)
+    plan = make_plan(smollm_tokenizer, get_task("sjp"), "loglik", 600)  # some cases cut, some not
+    serial = [build_prompt(smollm_tokenizer, c.example, plan, "middle") for c in cases]
+    assert 0 < sum(cut for _, cut in serial) < len(serial)
+    monkeypatch.setattr(prepare, "CHUNK", 3)  # many ranges, so that their order matters
+    monkeypatch.setenv("LEXFINE_TOKENIZE_WORKERS", "2")
+    forks = []
+    real_fork = prepare.forked_chunks
+
+    def spy(fn, n, workers=1, bar=None):
+        forks.append(workers)
+        return real_fork(fn, n, workers, bar)
+
+    monkeypatch.setattr(prepare, "forked_chunks", spy)
+    ids, cut = build_prompts(smollm_tokenizer, [c.example for c in cases], plan, "middle")
+    assert forks == [2]
+    assert ids == [i for i, _ in serial] and cut == [c for _, c in serial]

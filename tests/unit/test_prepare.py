@@ -117,3 +117,48 @@ def test_worker_count(monkeypatch):
     monkeypatch.setenv("LEXFINE_TOKENIZE_WORKERS", "many")
     with pytest.raises(DataError, match="LEXFINE_TOKENIZE_WORKERS='many'"):
         prepare.default_workers(10)
+
+
+def test_fast_tokenizer_encodes_as_transformers_does(smollm_tokenizer, apertus_tokenizer, examples):
+    from lexfine.data import masking
+
+    for tok in (smollm_tokenizer, apertus_tokenizer):
+        eot = masking.end_of_turn_ids(tok)
+        fast = prepare._fast_tokenizer(tok, examples[0], 1200, "answer", "middle", eot)
+        assert isinstance(fast, prepare._FastTokenizer)
+        encoded = [masking.encode(fast, ex, 1200, "answer", "middle", eot) for ex in examples]
+        assert any(e.truncated for e in encoded) and not all(e.truncated for e in encoded)  # cut, decoded, re-encoded
+        assert encoded == [masking.encode(tok, ex, 1200, "answer", "middle", eot) for ex in examples]
+
+
+def test_fast_tokenizer_only_for_transformers_own_encoding(smollm_tokenizer, examples, monkeypatch):
+    from lexfine.data import masking
+
+    class OwnEncoding(type(smollm_tokenizer)):  # a tokenizer class that encodes text its own way
+        def _encode_plus(self, *a, **k):
+            return super()._encode_plus(*a, **k)
+
+    monkeypatch.setattr(smollm_tokenizer, "__class__", OwnEncoding)
+    eot = masking.end_of_turn_ids(smollm_tokenizer)
+    assert prepare._fast_tokenizer(smollm_tokenizer, examples[0], 1200, "answer", "middle", eot) is smollm_tokenizer
+
+
+def test_labels_of_any_form_come_back_as_encoded(smollm_tokenizer, examples, monkeypatch):
+    """Workers rebuild labels from the ids and the masked-prompt length; a case not of that form is sent as it is."""
+    from lexfine.data import masking
+
+    monkeypatch.setenv("LEXFINE_TOKENIZED_CACHE", "off")
+    real = masking.encode
+    odd_ids = {ex.id for ex in examples[1:6:2]}
+
+    def odd(tokenizer, ex, *a, **k):
+        enc = real(tokenizer, ex, *a, **k)
+        if ex.id in odd_ids:  # first token in the loss, last one out
+            enc.labels = [enc.input_ids[0]] + enc.labels[1:-1] + [masking.IGNORE]
+        return enc
+
+    monkeypatch.setattr(prepare.masking, "encode", odd)
+    ds, stats = tokenized_dataset(smollm_tokenizer, examples[:6], 2048, workers=1, progress=False)
+    expected = [odd(smollm_tokenizer, ex, 2048).labels for ex in examples[:6]]
+    assert ds["labels"] == expected and expected[1][0] != masking.IGNORE
+    assert stats.loss_tokens == sum(sum(x != masking.IGNORE for x in lab) for lab in expected)

@@ -200,9 +200,9 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
     # Shard by character length (a proxy for tokens) so that each process tokenizes only its own cases.
     mine = dist.shard([len(c.example.before) + len(c.example.facts) + len(c.example.after) for c in cases], info_dist)
     show = progress and info_dist.main
-    prompts, truncated = {}, {}
-    for i in tqdm(mine, desc=f"{task.name} prompts", unit="case", disable=not show or len(mine) < 500, leave=False):
-        prompts[i], truncated[i] = build_prompt(tokenizer, cases[i].example, plan, tgt.data_args.truncation)
+    prompts, truncated = build_prompts(tokenizer, [cases[i].example for i in mine], plan, tgt.data_args.truncation,
+                                       f"{task.name} prompts", show)
+    prompts, truncated = dict(zip(mine, prompts)), dict(zip(mine, truncated))
     order = list(prompts)
     # Each data-parallel process holds a full model copy, so processes need not run in lock-step (no batch padding).
     compiled = compile_scoring(compile, mode, model, sum(map(len, prompts.values())))
@@ -281,6 +281,25 @@ def make_plan(tokenizer, task: Task, mode: str, max_length: int, max_new: int | 
     if max_length - reserve <= 16:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt after {reserve} answer tokens; raise it")
     return Plan(eot, cands, scoring, max_length - reserve)
+
+
+def build_prompts(tokenizer, examples: list, plan: Plan, truncation: str, desc: str = "prompts",
+                  progress: bool = False) -> tuple[list[list[int]], list[bool]]:
+    """build_prompt for every example, in order: by forked worker processes from PARALLEL_MIN examples, as training
+    prepares its data (one per available core shared among the local ranks, `LEXFINE_TOKENIZE_WORKERS`), so that
+    the 17k-case SJP test set is not tokenized on one core while the GPU waits."""
+    from tqdm.auto import tqdm
+
+    from lexfine.data.prepare import default_workers, forked_chunks
+
+    def prompts_of(start: int, stop: int) -> list[tuple[list[int], bool]]:
+        return [build_prompt(tokenizer, ex, plan, truncation) for ex in examples[start:stop]]
+
+    with tqdm(total=len(examples), desc=desc, unit="case", disable=not progress or len(examples) < 500,
+              leave=False) as bar:
+        parts = forked_chunks(prompts_of, len(examples), default_workers(len(examples)), bar)
+    built = [p for part in parts for p in part]
+    return [ids for ids, _ in built], [cut for _, cut in built]
 
 
 def build_prompt(tokenizer, example, plan: Plan, truncation: str) -> tuple[list[int], bool]:

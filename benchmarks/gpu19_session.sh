@@ -21,13 +21,18 @@
 #                                 PyTorch's choice (cuDNN), each with empty compile caches, steps 196-200 profiled
 #   g   carry .gpu19/w .gpu19/s   stage e's `lexfine eval`, then Dynamo recompiles over 1,000 steps (8 of the 8B's layers)
 #   h   carry .gpu19/w .gpu19/s   the bare tokenizer over 1-16 processes; the mask-free GPU test (about 2 minutes)
+#   c   carry .gpu19/w .gpu19/s   (fourth session) start-up with lexfine's compile cache: the shipped config from empty
+#                                 caches (200 steps), then 3 steps of it under cProfile with the cache warm
+#   v   carry .gpu19/w .gpu19/s   stage e's `lexfine eval` from empty caches, then again warm with batches 60-64 profiled
+#   x   carry .gpu19/w .gpu19/s   stage c's fix (no CPU-ISA probe) with byte code cached: 30 training steps from empty
+#                                 and from warm caches; `lexfine eval` (1,500 cases) cold, then warm and profiled
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB)
 #   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, e, q, f, g, h or n}
+stage=${1:?stage prep, s, e, q, f, g, h, n, c, v or x}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
@@ -62,7 +67,8 @@ CFG=configs/exp/sjp_lora_apertus8b.yaml
 source "$(dirname "$0")/gpu_lib.sh"
 
 if [ -z "${GPU19_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  # byte-compiled as pip does for a user (--no-compile left ~9 s of source compilation in every cold process)
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site \
     .gpu19/w/*.whl || exit 1
 fi
 [ -d "$W/tok" ] || cp -r .gpu19/s/tok "$W/tok" || exit 1
@@ -220,8 +226,71 @@ PY
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
     table >> "$OUT/session.log" 2>&1
     ;;
+  c)
+    # start-up with lexfine's compile cache (lexfine.compile_cache: $LEXFINE_CACHE/compile/inductor, no
+    # TORCHINDUCTOR_CACHE_DIR set): the shipped config from empty caches for 200 steps, then a 3-step run of the same
+    # config under cProfile, which finds the cache the first wrote (where a warm step 1 still goes)
+    date -u > "$OUT/session.log"
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    train cold 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_C_STEPS:-200} train.grad_accum=1 train.save_steps=1000 \
+      >> "$OUT/session.log" 2>&1
+    du -sh "$W/cache/compile" ~/.triton 2>/dev/null >> "$OUT/session.log"
+    t0=$(date +%s)
+    timeout -k 15 $(( DEADLINE - $(date +%s) - 40 )) python3 -m cProfile -o "$W/warm.prof" -m lexfine.cli train $CFG \
+      "${COMMON[@]}" name=warm model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" \
+      > "$W/warm.log" 2>&1
+    echo "warm cProfile run: exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/session.log"
+    timeout -k 5 30 python3 - "$W/warm.prof" > "$OUT/warm_cprofile.txt" 2>&1 <<'PY'
+import pstats, sys
+s = pstats.Stats(sys.argv[1])
+s.sort_stats("cumulative").print_stats(90)
+s.sort_stats("tottime").print_stats(40)
+PY
+    table >> "$OUT/session.log" 2>&1
+    ;;
+  v)
+    # `lexfine eval` twice with lexfine's compile cache: from empty caches, then warm with batches 60-64 profiled
+    date -u > "$OUT/session.log"
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    for run in cold warm; do
+      t0=$(date +%s%N)
+      prof=(); [ $run = warm ] && prof=(env LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-60-64} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile)
+      "${prof[@]}" timeout -k 20 ${GPU19_EVAL_S:-250} python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
+        --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-2500} --compile --no-cache -q --out $W/eval-$run \
+        > "$W/eval-$run.log" 2>&1
+      echo "lexfine eval ($run caches): exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms" >> "$OUT/session.log"
+      tail -n 3 "$W/eval-$run.log" >> "$OUT/session.log"
+    done
+    for f in summary.json ops.txt; do cp "$W"/evalprofile/*/$f "$OUT/eval-$f" 2>/dev/null; done
+    (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' eval-cold eval-warm eval-*.log 2>/dev/null)
+    ;;
+  x)
+    # stage c's finding applied (lexfine's entry points set TORCHINDUCTOR_VEC_ISA_OK=0: no CPU-ISA probe processes),
+    # and byte code cached for the machine's read-only torch environment, as a user's installation has it:
+    # the shipped config 30 steps from empty caches, 30 steps warm; then `lexfine eval` from empty and warm caches
+    export PYTHONPYCACHEPREFIX=$W/pycache
+    date -u > "$OUT/session.log"
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    for run in cold warm; do
+      train $run 200 $CFG model=$M8 $SJP train.max_steps=${GPU19_X_STEPS:-30} train.grad_accum=1 train.save_steps=1000 \
+        >> "$OUT/session.log" 2>&1
+    done
+    table >> "$OUT/session.log" 2>&1
+    for run in cold warm; do
+      t0=$(date +%s%N)
+      prof=(); [ $run = warm ] && prof=(env LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile)
+      left=$(( DEADLINE - $(date +%s) - 10 )); [ "$left" -lt 30 ] && break
+      "${prof[@]}" timeout -k 10 $left python3 -m lexfine.cli eval $M8 --tokenizer $W/tok --task sjp \
+        --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-1500} --compile --no-cache -q --out $W/eval-$run \
+        > "$W/eval-$run.log" 2>&1
+      echo "lexfine eval ($run caches): exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms" >> "$OUT/session.log"
+      tail -n 3 "$W/eval-$run.log" >> "$OUT/session.log"
+      for f in summary.json ops.txt; do cp "$W"/evalprofile/*/$f "$OUT/eval-$f" 2>/dev/null; done
+      (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' eval-cold eval-warm eval-*.log 2>/dev/null)
+    done
+    ;;
   *)
-    echo "unknown stage $stage (prep, s, e, q, f, g, h or n)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v or x)" >&2
     exit 2
     ;;
 esac

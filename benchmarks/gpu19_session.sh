@@ -140,17 +140,8 @@ PY
       > "$OUT/session.log" 2>&1
     export TORCHINDUCTOR_CACHE_DIR=$W/inductor TRITON_CACHE_DIR=$W/triton
     rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
-    t0=$(date +%s)
-    timeout -k 15 ${GPU19_PROFILE_S:-200} python3 -m cProfile -o "$W/step1.prof" -m lexfine.train $CFG "${COMMON[@]}" \
-      name=coldprofile model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" \
-      > "$W/coldprofile.log" 2>&1
-    echo "cold cProfile run: exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/session.log"
-    timeout -k 5 60 python3 - "$W/step1.prof" > "$OUT/step1.txt" 2>&1 <<'PY'
-import pstats, sys
-s = pstats.Stats(sys.argv[1])
-s.sort_stats("cumulative").print_stats(70)
-s.sort_stats("tottime").print_stats(35)
-PY
+    cprofile_train coldprofile ${GPU19_PROFILE_S:-200} $CFG model=$M8 $SJP train.max_steps=3 train.grad_accum=1 \
+      train.save_steps=1000 >> "$OUT/session.log"
     train warmprofile 220 $CFG model=$M8 $SJP train.max_steps=${GPU19_Q_STEPS:-45} train.grad_accum=1 \
       train.save_steps=1000 "train.profile_steps=[${GPU19_PROFILE_WINDOW:-36,40}]" >> "$OUT/session.log" 2>&1
     unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
@@ -235,17 +226,8 @@ PY
     train cold 330 $CFG model=$M8 $SJP train.max_steps=${GPU19_C_STEPS:-200} train.grad_accum=1 train.save_steps=1000 \
       >> "$OUT/session.log" 2>&1
     du -sh "$W/cache/compile" ~/.triton 2>/dev/null >> "$OUT/session.log"
-    t0=$(date +%s)
-    timeout -k 15 $(( DEADLINE - $(date +%s) - 40 )) python3 -m cProfile -o "$W/warm.prof" -m lexfine.cli train $CFG \
-      "${COMMON[@]}" name=warm model=$M8 $SJP train.max_steps=3 train.grad_accum=1 train.save_steps=1000 "${TAIL[@]}" \
-      > "$W/warm.log" 2>&1
-    echo "warm cProfile run: exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/session.log"
-    timeout -k 5 30 python3 - "$W/warm.prof" > "$OUT/warm_cprofile.txt" 2>&1 <<'PY'
-import pstats, sys
-s = pstats.Stats(sys.argv[1])
-s.sort_stats("cumulative").print_stats(90)
-s.sort_stats("tottime").print_stats(40)
-PY
+    cprofile_train warm $(( DEADLINE - $(date +%s) - 40 )) $CFG model=$M8 $SJP train.max_steps=3 train.grad_accum=1 \
+      train.save_steps=1000 >> "$OUT/session.log"
     table >> "$OUT/session.log" 2>&1
     ;;
   v)

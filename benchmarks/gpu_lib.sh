@@ -18,6 +18,21 @@ train() {  # train NAME SECONDS CONFIG OVERRIDES...: one `lexfine train`, its wa
   tail -n 3 "$W/$name.log"
 }
 
+cprofile_train() {  # cprofile_train NAME SECONDS CONFIG OVERRIDES...: `lexfine train` under cProfile; the functions
+  # with the most cumulative and own time to $OUT/NAME_cprofile.txt
+  local name=$1 secs=$2 cfg=$3
+  shift 3
+  local t0
+  t0=$(date +%s)
+  timeout -k 15 "$secs" python3 -m cProfile -o "$W/$name.prof" -m lexfine.cli train "$cfg" "${COMMON[@]}" "name=$name" \
+    "$@" "${TAIL[@]}" > "$W/$name.log" 2>&1
+  echo "$name (cProfile): exit $? after $(( $(date +%s) - t0 )) s"
+  timeout -k 5 30 python3 -c 'import pstats, sys
+s = pstats.Stats(sys.argv[1])
+s.sort_stats("cumulative").print_stats(90)
+s.sort_stats("tottime").print_stats(40)' "$W/$name.prof" > "$OUT/${name}_cprofile.txt" 2>&1
+}
+
 table() {  # one row per run of the session: what the manifests say
   python3 - "$W" "$OUT" <<'EOF'
 import json, sys

@@ -44,8 +44,8 @@ def adopt() -> str | None:
     """Set $TORCHINDUCTOR_CACHE_DIR to lexfine's compile cache and $TORCHINDUCTOR_VEC_ISA_OK to 0, each unless it is
     set; return the folder in use (None: torch's default). Call it before torch's inductor is imported (it reads
     both once, at import). A cache folder that cannot be written (a read-only home) leaves torch's default."""
-    if not os.environ.get(ENV) and _can_create(default_dir()):
-        os.environ[ENV] = str(default_dir())
+    if not os.environ.get(ENV) and _can_create(folder := default_dir()):
+        os.environ[ENV] = str(folder)
     if not os.environ.get(VEC_ISA_ENV):
         os.environ[VEC_ISA_ENV] = "0"
     return in_use()

@@ -189,7 +189,6 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
          max_new: int | None, backend: str, info_dist, progress: bool,
          max_batch_tokens: int | None = None, compile: bool | None = None) -> tuple[list[dict], dict]:
     import torch
-    from tqdm.auto import tqdm
 
     from lexfine.eval import generate as gen
     from lexfine.eval.loglik import Case, compiled_layers, predict, score_cases

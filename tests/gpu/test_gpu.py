@@ -106,3 +106,39 @@ def test_a_random_architecture_trains_quantized_on_cuda(tiny_config):
     assert man["status"] == "completed" and man["adapter_check"]["lora_B_nonzero"] > 0
     losses = [r["loss"] for r in map(json.loads, rd.metrics_path.read_text().splitlines()) if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.gpu
+def test_fp8_scores_are_close_to_bf16_on_cuda(tmp_path):
+    """`lexfine eval --fp8` on a GPU with FP8 matmuls (compute capability >= 8.9, torchao installed): the decoder's
+    linear layers really are FP8 tensors, and the candidates' log-likelihoods stay near the bf16 ones."""
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 matmuls on this GPU")
+    from lexfine.config import ModelArgs
+    from lexfine.eval import fp8
+    from lexfine.eval.runner import evaluate
+    from lexfine.eval.target import load, resolve_target
+
+    arch = {**tiny_arch(), "hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+    tgt = resolve_target("random:apertus-8b", model_args=ModelArgs(arch_overrides=arch, dtype="bfloat16",
+                                                                    **_tok_args()))
+    model, _ = load(tgt, device="cuda")
+    model, n = fp8.convert(model)
+    assert n == 2 * 6 and "Float8" in type(model.model.layers[0].self_attn.q_proj.weight).__name__
+    common = dict(data="bundled:sjp_fr_heldout", limit=24, use_cache=False, progress=False)
+    ref = evaluate(tgt, "sjp", out=tmp_path / "bf16", **common)
+    low = evaluate(tgt, "sjp", out=tmp_path / "fp8", fp8=True, **common)
+    assert low["settings"]["fp8"]["linear_layers"] == 12 and ref["settings"]["fp8"] is None
+    assert low["summary_path"].endswith("sjp-loglik-fp8/summary.json")
+    import json
+    from pathlib import Path
+
+    rows = [[json.loads(x) for x in (Path(s["summary_path"]).parent / "predictions.jsonl").read_text().splitlines()]
+            for s in (ref, low)]
+    a = [v for r in rows[0] for v in r["scores"].values()]
+    b = [v for r in rows[1] for v in r["scores"].values()]
+    assert len(a) == len(b) == 48
+    mean_abs = sum(map(abs, a)) / len(a)
+    assert None not in b  # null is how a non-finite score is stored
+    assert sum(abs(x - y) for x, y in zip(a, b)) / len(a) < 0.01 * mean_abs

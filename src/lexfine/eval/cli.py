@@ -34,6 +34,9 @@ def eval_command(
                                            "torch.compile'd decoder layers (8B on an H100: 1.44x the tokens/s once "
                                            "compiled, 10-40 s to compile). Default: on with a GPU from 4M prompt "
                                            "tokens (~2,400 SJP cases) on."),
+    fp8: bool = typer.Option(False, "--fp8", help="loglik: FP8 matmuls in the decoder layers (torchao; a GPU of "
+                             "compute capability >= 8.9; LoRA merged first). Approximate scores, written apart from "
+                             "bf16 ones (eval/<task>-loglik-fp8/): see docs/evaluation.md, FP8 scoring."),
     split: Optional[str] = typer.Option(None, "--split", help="SJP: train, validation, test or all (default: test "
                                         "on the hub, all rows of a local file). LEXam: the hub split (test)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=32, help="Context limit; longer facts are "
@@ -69,7 +72,7 @@ def eval_command(
         raise typer.Exit(2)
 
 
-def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, compile, split, max_length, base, backend, max_new_tokens,
+def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, compile, fp8, split, max_length, base, backend, max_new_tokens,
          prompt_template, system_prompt, tokenizer, seed, with_base, no_cache, quiet) -> None:
     from lexfine.config import DataArgs, ModelArgs
     from lexfine.eval.runner import evaluate
@@ -102,7 +105,7 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, com
         summary = evaluate(tgt, name, mode, data=data, out=out, limit=limit, batch_size=batch_size,
                            max_length=max_length, split=split, base=base, backend=backend,
                            max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
-                           progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile)
+                           progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile, fp8=fp8)
         if summary:  # empty on the other ranks of a data-parallel launch: rank 0 reports
             typer.echo(_line(summary), err=True)
             paths.append(summary["summary_path"])
@@ -110,7 +113,7 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, com
             _record_base(target, name, mode, base, dict(
                 data=data, limit=limit, batch_size=batch_size, max_length=max_length, split=split, backend=backend,
                 max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache, data_args=data_args,
-                progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile))
+                progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile, fp8=fp8))
     for p in paths:
         typer.echo(p)
 
@@ -120,7 +123,7 @@ def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) 
     sweep computes them once: what `lexfine train ... eval=[...]` records after training, for separate eval jobs.
     Every rank of a data-parallel launch takes part (the base model is scored data-parallel too)."""
     from lexfine.eval.configured import base_record
-    from lexfine.eval.runner import evaluate
+    from lexfine.eval.runner import evaluate, result_mode
     from lexfine.eval.target import resolve_target
     from lexfine.eval.tasks import eval_key
 
@@ -131,7 +134,7 @@ def _record_base(run_dir, task: str, mode: str, base: str | None, kwargs: dict) 
         return
     rd = RunDir(run_dir)
     known = rd.manifest().get("base_evals", {})
-    known[eval_key(task, mode)] = base_record(summary)
+    known[eval_key(task, result_mode(mode, summary))] = base_record(summary)
     rd.update_manifest(base_evals=known)
     typer.echo("base model: " + _line(summary), err=True)
 
@@ -144,7 +147,9 @@ def _user_error(msg: str) -> LexfineError:
 
 def _line(s: dict) -> str:
     ci = s.get("accuracy_ci95") or [float("nan")] * 2
-    parts = [f"{s['task']}-{s['mode']}: n={s['n']}", f"accuracy={s['accuracy']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+    from lexfine.eval.runner import result_mode
+
+    parts = [f"{s['task']}-{result_mode(s['mode'], s)}: n={s['n']}", f"accuracy={s['accuracy']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]",
              f"macro_f1={s['macro_f1']:.4f}", f"majority={s['majority_baseline']:.4f}",
              f"chance={s['chance_level']:.3f}"]
     ln = s.get("length_normalized")

@@ -66,12 +66,14 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
              batch_size: int | None = None, max_length: int | None = None, split: str | None = None, *, base: str | None = None,
              backend: str = "hf", max_new_tokens: int | None = None, seed: int = 0, use_cache: bool = True,
              write: bool = True, model=None, tokenizer=None, data_args=None, progress: bool = True,
-             max_batch_tokens: int | None = None, compile: bool | None = None) -> dict:
+             max_batch_tokens: int | None = None, compile: bool | None = None, fp8: bool = False) -> dict:
     """Evaluate `target` (run directory, model spec or Target) on `task`; returns the summary (+ summary_path).
 
     model/tokenizer: an already loaded model (e.g. the one training just finished), or a zero-argument callable
     returning (model, tokenizer), called only when the cache has no answer. Without either, the target is loaded.
     compile: loglik scoring through torch.compile'd decoder layers; None: on a GPU for large sets (compile_scoring).
+    fp8: loglik scoring with FP8 matmuls in the decoder layers (lexfine.eval.fp8): approximate scores, kept apart
+    from bf16 ones (own folder, keys and cache entries). Only for a model this function loads itself.
     """
     t_task, at_split = parse_task_spec(task)
     if at_split:
@@ -81,6 +83,9 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     check_mode(mode)
     if compile and mode != "loglik":
         raise ConfigError("--compile applies to loglik scoring; generate mode decodes eagerly")
+    if fp8 and model is not None:
+        raise ConfigError("fp8 scoring converts a model lexfine eval loads itself, not one passed in; "
+                          "evaluate the run directory instead")
     if backend not in ("hf", "vllm"):
         raise ConfigError(f"unknown backend {backend!r}; use hf or vllm")
     if batch_size is not None and batch_size < 1:
@@ -95,6 +100,10 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     if not cases:
         raise DataError(f"no {task} cases to evaluate in {info['data']!r} (split {info['split']})")
     info_dist = dist.setup()
+    if fp8:
+        from lexfine.eval import fp8 as fp8_scoring
+
+        fp8_scoring.check(mode, info_dist.device)  # before the model loads
 
     import torch
 
@@ -105,6 +114,8 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
 
         dtype = _model_dtype(model) if given else str(resolve_dtype(tgt.model_args)).replace("torch.", "")
         payload = _cache_payload(tgt, t_task, mode, info, max_length, dtype, max_new, backend)
+        if fp8:  # its own cache entries (the bf16 payload, and so every earlier key, is unchanged)
+            payload["matmul"] = "fp8"
         key = cache.make_key(payload)
         hit = cache.lookup(key)
         if hit is not None:
@@ -118,6 +129,10 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
         from lexfine.eval.target import load
 
         model, tokenizer = load(tgt, device=info_dist.device)
+    fp8_info = None
+    if fp8:
+        model, n_fp8 = fp8_scoring.convert(model)
+        fp8_info = fp8_scoring.info(n_fp8)
     if tokenizer is None:
         raise ConfigError("evaluate(model=...) needs the tokenizer too")
     device = model_device(model)
@@ -139,7 +154,7 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
                            "max_batch_tokens": max_batch_tokens, "prompt_template": d.prompt_template,
                            "system_prompt": d.system_prompt, "truncation": d.truncation, "max_new_tokens": max_new,
                            "backend": backend, "dtype": _model_dtype(model), "device": str(device),
-                           "world_size": info_dist.world}
+                           "world_size": info_dist.world, "fp8": fp8_info}
     summary.update(target=tgt.spec, model=tgt.model, weights=tgt.weights, created=now_iso(), cached=False)
     if key is not None:
         summary["cache_key"] = key
@@ -347,6 +362,14 @@ def build_summary(task: Task, mode: str, rows: list[dict], candidate_tokens: dic
     return summary
 
 
+def result_mode(mode: str, summary: dict) -> str:
+    """The mode part of a result's folder and manifest keys: `loglik`, or `loglik-fp8` for FP8 scores, which are
+    kept apart from bf16 ones (`sjp-loglik-fp8`)."""
+    from lexfine.eval.fp8 import SUFFIX
+
+    return mode + (SUFFIX if (summary.get("settings") or {}).get("fp8") else "")
+
+
 def _finish(summary: dict, rows: list[dict], tgt: Target, task: Task, mode: str, out, write: bool,
             info_dist, at_split: str | None = None) -> dict:
     if not info_dist.main:
@@ -355,10 +378,11 @@ def _finish(summary: dict, rows: list[dict], tgt: Target, task: Task, mode: str,
         return summary
     if out is None:
         out = tgt.out_dir if tgt.kind == "run" else Path("evals") / tgt.safe_name
-    key = eval_key(f"{task.name}@{at_split}" if at_split else task.name, mode)
+    label = result_mode(mode, summary)
+    key = eval_key(f"{task.name}@{at_split}" if at_split else task.name, label)
     out_dir = Path(out) / "eval" / key
     write_jsonl(out_dir / "predictions.jsonl", rows)
     atomic_write_json(out_dir / "summary.json", summary)
     if tgt.kind == "run" and not tgt.checkpoint and Path(out).resolve() == tgt.run_dir.path.resolve():
-        tgt.run_dir.record_eval(key[: -len(mode) - 1], mode, out_dir / "summary.json", headline(summary))
+        tgt.run_dir.record_eval(key[: -len(label) - 1], label, out_dir / "summary.json", headline(summary))
     return {**summary, "summary_path": str(out_dir / "summary.json")}

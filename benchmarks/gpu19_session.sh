@@ -68,8 +68,9 @@ PY
   # the GGUF in three parts: each call's working tree (repository + carried folders) must stay under 64 MiB
   mkdir -p .gpu19/g1 .gpu19/g2 .gpu19/g3
   gguf=$(cat .gpu19/gguf-path)
-  head -c 30000000 "$gguf" > .gpu19/g1/gguf.part1 && tail -c +30000001 "$gguf" | head -c 54000000 > .gpu19/g2/gguf.part2 \
-    && tail -c +84000001 "$gguf" > .gpu19/g3/gguf.part3 || exit 1
+  head -c 30000000 "$gguf" > .gpu19/g1/gguf.part1 && tail -c +84000001 "$gguf" > .gpu19/g3/gguf.part3 \
+    && dd if="$gguf" of=.gpu19/g2/gguf.part2 bs=1M iflag=skip_bytes,count_bytes skip=30000000 count=54000000 \
+    status=none || exit 1
   md5sum "$gguf" | cut -d' ' -f1 > .gpu19/g3/gguf.md5
   du -sh .gpu19/*
   exit 0

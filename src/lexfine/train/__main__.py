@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from lexfine import compile_cache
+from lexfine import compile_cache, logs
 from lexfine.config import load_config
 from lexfine.errors import EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USER_ERROR, LexfineError, exit_code_for_status
 
@@ -15,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m lexfine.train CONFIG.yaml [key=value ...]")
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup()
     compile_cache.adopt()
     try:
         cfg = load_config(argv[0], argv[1:])

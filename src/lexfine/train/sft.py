@@ -232,6 +232,18 @@ def _resume_state(rd: RunDir, main: bool) -> tuple[Path | None, float, int]:
     return ckpt, float(last.get("elapsed_s") or 0.0), int(last.get("num_tokens") or 0)
 
 
+def peak_gpu_gib(rd: RunDir) -> float | None:
+    """This process's peak GPU memory (GiB), or that of an earlier process of the same run (stopped, then resumed)
+    when it was higher: a resumed run's manifest reports the whole run's peak. None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    now = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    before = rd.manifest().get("peak_gpu_memory_gib")
+    return max(now, before) if isinstance(before, (int, float)) else now
+
+
 def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     """Returns True when training stopped early for preemption (a checkpoint was saved)."""
     import torch
@@ -320,6 +332,8 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
         trainer.accelerator.wait_for_everyone()
         raise record_divergence(rd, diverge_cb, main)
     if preempt_cb.preempted:
+        if main:  # how far this process got, for a run that stays interrupted until the same command resumes it
+            rd.update_manifest(stopped_at_step=trainer.state.global_step, peak_gpu_memory_gib=peak_gpu_gib(rd))
         return True
 
     out = rd.adapter_dir if cfg.method == "lora" else rd.model_dir
@@ -348,7 +362,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
             final_loss=rows[-1]["loss"] if rows else None, train_loss_mean=result.training_loss,
             train_tokens=tokens, tokens_per_s=round(tokens / wall, 1) if tokens and wall > 0 else None,
             output=out.name, save_s=save_s,
-            peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            peak_gpu_memory_gib=peak_gpu_gib(rd),
         )
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(rd.checkpoints, ignore_errors=True)

@@ -46,8 +46,8 @@ def check(mode: str, device) -> None:
 
 
 def eligible(module, name: str = "") -> bool:
-    """A linear layer FP8 matmuls can take: inside a decoder layer (not the LM head), no LoRA parts left, both
-    dimensions multiples of 16 (what the FP8 GEMMs need)."""
+    """A linear layer FP8 matmuls can take: no LoRA part (merged away before), both dimensions multiples of 16 (what
+    the FP8 GEMMs need). `convert` asks only inside decoder layers, so the LM head stays bf16."""
     import torch
 
     return (isinstance(module, torch.nn.Linear) and "lora_" not in name

@@ -43,6 +43,12 @@
 #   t   carry .gpu19/w .gpu19/s   `lexfine eval --fp8` on a stand-in for the SJP test set: French rows drawn (seeded,
 #                                 with replacement) up to the test set's ~19M prompt tokens; GPU19_T_GPUS=2 runs it
 #                                 data-parallel on both GPUs (accelerate launch -m lexfine.eval)
+#   (sixth session, one nvidia-h200: scoring that never waits for the GPU, src/lexfine/eval/loglik.py)
+#   u   carry .gpu19/w .gpu19/s   its GPU test (CUDA sync debug mode around the queueing of batches), then stage t's
+#                                 stand-in of the SJP test set with --fp8 from process start
+#   w   carry .gpu19/w .gpu19/s   benchmarks/eval_speed.py on 1,500 French cases, compiled, bf16 then FP8, each reading
+#                                 scores one batch later (the default) and before queueing the next batch (+sync);
+#                                 batches 30-34 of each profiled
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB) + torchao
 #               0.17.0 (the release built for torch 2.11; from PyPI: $GPU19_TORCHAO or `pip download`)
@@ -51,7 +57,7 @@
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m or t}
+stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u or w}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
@@ -81,7 +87,7 @@ PY
 fi
 
 W=${GPU19_W:-$HOME/gpu19}             # outside the repository copy, which each device call lays anew
-[ "$stage" = p ] || [ "$stage" = r ] || [ "$stage" = t ] && export PYTHONPYCACHEPREFIX=$W/pycache  # byte code kept, as a user's install has it
+[[ $stage == [prtuw] ]] && export PYTHONPYCACHEPREFIX=$W/pycache  # byte code kept, as a user's install has it
 OUT=${OUT:-/tmp/out}
 mkdir -p "$W" "$OUT"
 DEADLINE=$(( $(date +%s) + ${STAGE_S:-570} ))
@@ -197,10 +203,10 @@ PY
   [ "$gpus" = 2 ] && launch=(accelerate launch --num_processes 2 -m lexfine.eval)
   t0=$(date +%s%N)
   NCCL_NVLS_ENABLE=0 timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) "${launch[@]}" $M8 --tokenizer $W/tok \
-    --task sjp --data $D/sjp/standin_test.parquet --compile --no-cache -q --out $W/eval-standin ${GPU19_T_FLAGS:---fp8} \
+    --task sjp --data $D/sjp/standin_test.parquet --compile --no-cache --out $W/eval-standin ${GPU19_T_FLAGS:---fp8} \
     > "$W/eval-standin.log" 2>&1
   echo "lexfine eval (stand-in, $gpus GPU): exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-  tail -n 4 "$W/eval-standin.log"
+  tr '\r' '\n' < "$W/eval-standin.log" | grep -v '^\s*$' | tail -n 6  # with its progress bar: how far a cut run got
 }
 
 if [ -z "${GPU19_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then
@@ -475,8 +481,29 @@ PY
     standin_eval ${GPU19_T_GPUS:-1} >> "$OUT/session.log" 2>&1
     tar_evals
     ;;
+  u)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
+    t0=$(date +%s%N)
+    LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 10 180 python3 -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_eval_gpu.py -k queueing > "$OUT/gpu_test_queueing.txt" 2>&1
+    echo "GPU test (queueing): exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms" >> "$OUT/session.log"
+    standin_eval 1 >> "$OUT/session.log" 2>&1
+    tar_evals
+    ;;
+  w)
+    date -u > "$OUT/session.log"
+    LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
+      timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
+      --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
+      --strategies cached+compiled+sync,cached+compiled,cached+compiled+fp8+sync,cached+compiled+fp8 \
+      --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
+    echo "eval_speed: exit $?" >> "$OUT/session.log"
+    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$OUT/profile-$(basename "$d").json" 2>/dev/null
+      cp "$d/ops.txt" "$OUT/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    ;;
   *)
-    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m or t)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u or w)" >&2
     exit 2
     ;;
 esac

@@ -49,6 +49,39 @@ def test_bf16_cuda_scores_match_naive_fp32(strategy, compiled):
                 assert score == pytest.approx(ref, rel=3e-2, abs=0.3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["packed", "cached"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_queueing_a_batch_never_makes_the_host_wait_for_the_gpu(strategy, compiled):
+    """Building and queueing a batch (copies in, the passes, the scores gathered and copied out) must not synchronise
+    with the GPU, or the GPU idles while the host builds the next batch: CUDA's sync debug mode raises on any
+    synchronising call (a pageable copy, .item(), float() of a device tensor, ...) made meanwhile. Not `expanded`
+    (the fallback for flash-attention models): its 2D padding mask goes through transformers' mask code, which asks
+    the GPU whether the mask is all ones (masking_utils, H200, sixth session)."""
+    from contextlib import nullcontext
+
+    import lexfine.eval.loglik as ll
+    from lexfine import models
+
+    model = models.load_model("random:apertus-8b", _tiny_args()).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(5, 40000, (n,), generator=g).tolist()  # noqa: E731
+    cands = [rand(3), rand(5)]
+    batches = [[ll.Case(rand(n), cands) for n in pair] for pair in ((77, 50), (31, 12))]
+    fn = {"packed": ll._score_batch, "cached": ll._score_batch_cached, "expanded": ll._score_expanded}[strategy]
+    cuda = torch.device("cuda")
+    with ll.compiled_layers(model) if compiled else nullcontext(), torch.inference_mode():
+        want = [fn(model, b, 0, cuda).tolist() for b in batches]  # first run: compiles (which may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fetches = [ll._Fetch(fn(model, b, 0, cuda), [0, 1], [2, 2]) for b in batches]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        got = [x for f in fetches for row in f.rows() for x in row]
+    assert got == pytest.approx([x for w in want for x in w], abs=1e-3)
+
+
 @pytest.mark.multigpu
 def test_data_parallel_eval_scores_each_case_exactly_once(tmp_path):
     from lexfine import models

@@ -99,10 +99,10 @@ def test_expanded_fallback_equals_packed(tiny):
 
     cases = _cases()
     with torch.no_grad():
-        a = _score_batch(tiny, cases, 0, torch.device("cpu"))
-        b = _score_expanded(tiny, cases, 0, torch.device("cpu"))
-    for x, y in zip(a, b):
-        assert x == pytest.approx(y, abs=1e-4)
+        a = _score_batch(tiny, cases, 0, torch.device("cpu")).tolist()  # one score per (case, candidate)
+        b = _score_expanded(tiny, cases, 0, torch.device("cpu")).tolist()
+    assert len(a) == len(b) == sum(len(c.candidates) for c in cases)
+    assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_bf16_batched_close_to_fp32():
@@ -129,6 +129,21 @@ def test_padding_the_loop_for_data_parallel_keeps_results(tiny):
     assert a == b
 
 
+@pytest.mark.parametrize("strategy", ["cached", "packed", "expanded"])
+def test_reading_scores_batches_later_changes_nothing(tiny, strategy):
+    """Scores are read `lookahead` batches after their batch was queued (the GPU keeps working meanwhile): every
+    case still gets its own scores, in input order, also with repeated (data-parallel) and padded (min_rows)
+    batches, and with fewer batches than the lookahead."""
+    cases = _cases() + [Case(list(range(300, 300 + n)), [[65], [66, 67]]) for n in (4, 13, 6)]
+    ref = [naive(tiny, c) for c in cases]
+    for lookahead in (0, 1, 3, 50):
+        for kw in ({}, {"n_batches_min": 9}, {"min_rows": 2}):
+            got = score_cases(tiny, cases, batch_size=2, progress=False, strategy=strategy, lookahead=lookahead, **kw)
+            assert len(got) == len(cases)
+            for row, want in zip(got, ref):
+                assert row == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("strategy", ["cached", "expanded"])
 def test_other_strategies_equal_naive(attn, strategy):
@@ -138,6 +153,21 @@ def test_other_strategies_equal_naive(attn, strategy):
     got += score_cases(model, cases[4:], batch_size=4, progress=False, strategy=strategy)
     for case, row in zip(cases, got):
         assert row == pytest.approx(naive(model, case), abs=1e-4)
+
+
+def test_prompt_pass_keeps_its_key_value_states_without_a_copy(tiny):
+    """The cache's first update per layer keeps the states it is given (no copy of the prompt's keys and values);
+    the candidate pass's update appends to them as DynamicCache does."""
+    from lexfine.eval.loglik import CacheUpdatedOutsideGraphs
+
+    cache = CacheUpdatedOutsideGraphs(tiny.config)
+    k, v = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    keys, values = cache.update(k, v, 0)
+    assert keys is k and values is v and cache.get_seq_length(0) == 7
+    k2, v2 = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    keys, values = cache.update(k2, v2, 0)
+    assert torch.equal(keys, torch.cat([k, k2], dim=-2)) and torch.equal(values, torch.cat([v, v2], dim=-2))
+    assert cache.get_seq_length(0) == 10
 
 
 def test_token_budget_batches():

@@ -27,11 +27,17 @@ architecture on an H200, 1.3x on a 2-core CPU. Either strategy can run through c
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # a transformers without cache layers: every update goes through DynamicCache (a copy)
+    DynamicLayer = None
 
 # Attention implementations that accept a custom 4D mask; others (flash-attention) fall back to one row per candidate.
 MASK_4D_IMPLEMENTATIONS = {"sdpa", "eager"}
@@ -42,6 +48,42 @@ CPU_MAX_BATCH_TOKENS = 4096
 class Case:
     prompt: list[int]
     candidates: list[list[int]]  # token ids of each candidate answer (non-empty)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on a GPU, a copy from ordinary (pageable) memory
+    synchronises the stream, so the host would sit idle until every queued kernel had run; from pinned memory the copy
+    is queued like a kernel."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Fetch:
+    """One batch's scores (a device tensor, one value per (case, candidate)) on their way to the host: copied into
+    pinned memory behind the batch's kernels, read once the copy is done. The host meanwhile queues the next batch,
+    so the GPU never waits for the host's Python between batches."""
+
+    def __init__(self, scores: torch.Tensor, batch: list[int], counts: list[int]):
+        self.batch, self.counts = batch, counts
+        self.event = None
+        if scores.is_cuda:
+            self.host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            self.host.copy_(scores, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = scores
+
+    def rows(self) -> list[list[float]]:
+        """The batch's scores, case by case (waits for this batch's copy only, not for later batches)."""
+        if self.event is not None:
+            self.event.synchronize()
+        flat, out = self.host.tolist(), []
+        for n in self.counts:
+            out.append(flat[:n])
+            flat = flat[n:]
+        return out
 
 
 def _block(candidates: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -97,7 +139,7 @@ def build_batch(cases: list[Case], pad_id: int, device):
             ids[i, start:start + n] = torch.tensor(cand[:-1], dtype=torch.long)
             pos[i, start:start + n] = torch.arange(n_prompt, n_prompt + n)
             seg[i, start:start + n] = c + 1
-    ids, pos, seg = ids.to(device), pos.to(device), seg.to(device)
+    ids, pos, seg = (to_device(t, device) for t in (ids, pos, seg))
     valid = seg >= 0
     if width == 0:
         return ids, pos, valid.long(), 0, s
@@ -121,25 +163,38 @@ def _logits_last(model, ids, pos, mask, keep: int) -> torch.Tensor:
     return out.logits[:, -keep:]
 
 
-def _score_batch(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+def _score_batch(model, cases: list[Case], pad_id: int, device) -> torch.Tensor:
     ids, pos, mask, width, _ = build_batch(cases, pad_id, device)
     if width:  # a 4D block mask (without a block, a plain 2D padding mask)
         mask = _for_model(mask, model)
     logp = torch.log_softmax(_logits_last(model, ids, pos, mask, width + 1).float(), dim=-1)
-    out = []
+    picks = []
     for i, case in enumerate(cases):
         _, offsets = _block(case.candidates)
-        row = []
         for c, off in zip(case.candidates, offsets):
             # token 0 is predicted at the prompt's end (kept column 0); token j>=1 at kept column off + j
-            cols = torch.tensor([0] + [off + j for j in range(1, len(c))], device=logp.device)
-            toks = torch.tensor(c, device=logp.device)
-            row.append(float(logp[i, cols, toks].sum()))
-        out.append(row)
-    return out
+            picks.append((i, [0] + [off + j for j in range(1, len(c))], c))
+    return _picked_sums(logp, picks, device)
 
 
-def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+def _picked_sums(logp: torch.Tensor, picks: list[tuple[int, list[int], list[int]]], device) -> torch.Tensor:
+    """Sum of logp[row, col, token] over each pick's (col, token) pairs, one float32 per pick, all in one gather
+    that stays on the device: no Python float() per candidate, so nothing makes the host wait for the GPU."""
+    width = max(len(cols) for _, cols, _ in picks)
+    rows = torch.zeros((len(picks), width), dtype=torch.long)
+    cols = torch.zeros_like(rows)
+    toks = torch.zeros_like(rows)
+    valid = torch.zeros((len(picks), width), dtype=torch.bool)
+    for k, (i, cs, ts) in enumerate(picks):
+        rows[k] = i
+        cols[k, :len(cs)] = torch.tensor(cs, dtype=torch.long)
+        toks[k, :len(ts)] = torch.tensor(ts, dtype=torch.long)
+        valid[k, :len(cs)] = True
+    rows, cols, toks, valid = (to_device(t, device) for t in (rows, cols, toks, valid))
+    return torch.where(valid, logp[rows, cols, toks], 0.0).sum(dim=1)
+
+
+def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> torch.Tensor:
     """The same scores in two passes: the right-padded prompts with no mask at all (causal attention alone keeps
     padding out of real tokens, so SDPA can use its flash kernel), then every candidate block at once on top of the
     prompts' KV cache, with a small [B, 1, K, T + K] mask. The prompt is still computed once per case."""
@@ -153,12 +208,15 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[l
     width = max(len(b) for b, _ in blocks)
     last = lens - 1
     cols = torch.unique(last)  # sorted; logits at each row's last prompt token only
-    out = model(input_ids=ids.to(device), logits_to_keep=cols.to(device), use_cache=width > 0,
+    where = torch.searchsorted(cols, last)
+    ids, cols, where, lens_d = (to_device(t, device) for t in (ids, cols, where, lens))
+    out = model(input_ids=ids, logits_to_keep=cols, use_cache=width > 0,
                 past_key_values=CacheUpdatedOutsideGraphs(model.config) if width else None)
-    first = torch.log_softmax(out.logits[torch.arange(bsz), torch.searchsorted(cols, last).to(device)].float(), -1)
-    scores = [[float(first[i, c[0]]) for c in case.candidates] for i, case in enumerate(cases)]
+    first = torch.log_softmax(out.logits[torch.arange(bsz, device=device), where].float(), -1)
+    starts = _picked_sums(first[:, None], [(i, [0], c[:1]) for i, case in enumerate(cases) for c in case.candidates],
+                          device)
     if width == 0:
-        return scores
+        return starts
     blk = torch.full((bsz, width), pad_id, dtype=torch.long)
     pos = torch.zeros((bsz, width), dtype=torch.long)
     seg = torch.full((bsz, width), -1, dtype=torch.long)
@@ -168,21 +226,20 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> list[l
             blk[i, off:off + n] = torch.tensor(cand[:-1], dtype=torch.long)
             pos[i, off:off + n] = torch.arange(len(case.prompt), len(case.prompt) + n)
             seg[i, off:off + n] = c + 1
-    seg = seg.to(device)
+    blk, pos, seg = (to_device(t, device) for t in (blk, pos, seg))
     ar = torch.arange(width, device=device)
     own = (seg[:, None, :] == seg[:, :, None]) & (ar[None, None, :] <= ar[None, :, None]) & (seg[:, None, :] > 0)
     own |= torch.eye(width, dtype=torch.bool, device=device)[None] & (seg[:, :, None] < 0)
-    prompt_keys = (torch.arange(plen)[None, :] < lens[:, None]).to(device)  # not the right padding
+    prompt_keys = torch.arange(plen, device=device)[None, :] < lens_d[:, None]  # not the right padding
     mask = _for_model(torch.cat([prompt_keys[:, None, :].expand(bsz, width, plen), own], dim=-1)[:, None], model)
-    out2 = model(input_ids=blk.to(device), position_ids=pos.to(device), attention_mask=mask,
+    out2 = model(input_ids=blk, position_ids=pos, attention_mask=mask,
                  past_key_values=out.past_key_values, use_cache=True, logits_to_keep=width)
     logp = torch.log_softmax(out2.logits.float(), -1)
-    for i, (case, (_, offsets)) in enumerate(zip(cases, blocks)):
-        for c, (cand, off) in enumerate(zip(case.candidates, offsets)):
-            if len(cand) > 1:
-                cols2 = torch.arange(off, off + len(cand) - 1, device=logp.device)
-                scores[i][c] += float(logp[i, cols2, torch.tensor(cand[1:], device=logp.device)].sum())
-    return scores
+    # a candidate's tokens after its first, predicted inside the block (a one-token candidate: nothing to add)
+    rest = _picked_sums(logp, [(i, list(range(off, off + len(c) - 1)), c[1:])
+                               for i, (case, (_, offsets)) in enumerate(zip(cases, blocks))
+                               for c, off in zip(case.candidates, offsets)], device)
+    return starts.double() + rest.double()
 
 
 def _num_layers(config) -> int | None:
@@ -196,7 +253,11 @@ class CacheUpdatedOutsideGraphs(DynamicCache):
     Traced inside a compiled decoder layer, the update would index the cache by the layer's own `layer_idx`, a
     constant that gives every layer graphs of its own (two per layer: minutes of compilation for an 8B).
     compiled_layers() hides `layer_idx` (None in every layer) and this cache counts the calls instead: each forward
-    pass updates every layer once, in order."""
+    pass updates every layer once, in order.
+
+    A layer's first update (the prompt pass) keeps the states it is given: DynamicLayer would concatenate them onto
+    an empty tensor, a copy of every layer's keys and values that took 5% of a batch's GPU time for the 8B with FP8
+    matmuls (H200 profile, docs/performance.md). The candidate pass's update still concatenates (one copy)."""
 
     def __init__(self, config):
         super().__init__(config=config)
@@ -208,6 +269,13 @@ class CacheUpdatedOutsideGraphs(DynamicCache):
         if layer_idx is None:
             layer_idx = self.calls % self.n_layers
         self.calls += 1
+        layers = getattr(self, "layers", None) or []
+        layer = layers[layer_idx] if layer_idx < len(layers) else None
+        if DynamicLayer is not None and type(layer) is DynamicLayer and not getattr(layer, "is_initialized", True):
+            layer.keys, layer.values = key_states, value_states
+            layer.dtype, layer.device = key_states.dtype, key_states.device
+            layer.is_initialized = True
+            return key_states, value_states
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
@@ -237,10 +305,9 @@ def compiled_layers(model, backend: str | None = None):
             m.layer_idx = idx
 
 
-def _score_expanded(model, cases: list[Case], pad_id: int, device) -> list[list[float]]:
+def _score_expanded(model, cases: list[Case], pad_id: int, device) -> torch.Tensor:
     """One row per (case, candidate): for attention kernels that take no 4D mask. Correct, but the prompt repeats."""
     flat = [Case(case.prompt + c[:-1], [c]) for case in cases for c in case.candidates]
-    scores: list[float] = []
     plen = max(len(r.prompt) for r in flat)
     ids = torch.full((len(flat), plen), pad_id, dtype=torch.long)
     pos = torch.zeros_like(ids)
@@ -251,16 +318,10 @@ def _score_expanded(model, cases: list[Case], pad_id: int, device) -> list[list[
         pos[i, p0:] = torch.arange(len(r.prompt))
         att[i, p0:] = 1
     keep = max(len(r.candidates[0]) for r in flat)
-    logp = torch.log_softmax(_logits_last(model, ids.to(device), pos.to(device), att.to(device), keep).float(), -1)
-    for i, r in enumerate(flat):
-        c = r.candidates[0]
-        cols = torch.arange(keep - len(c), keep, device=logp.device)
-        scores.append(float(logp[i, cols, torch.tensor(c, device=logp.device)].sum()))
-    out, k = [], 0
-    for case in cases:
-        out.append(scores[k:k + len(case.candidates)])
-        k += len(case.candidates)
-    return out
+    ids, pos, att = (to_device(t, device) for t in (ids, pos, att))
+    logp = torch.log_softmax(_logits_last(model, ids, pos, att, keep).float(), -1)
+    return _picked_sums(logp, [(i, list(range(keep - len(r.candidates[0]), keep)), r.candidates[0])
+                               for i, r in enumerate(flat)], device)
 
 
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -285,7 +346,8 @@ def default_token_cap(device) -> int | None:
 
 def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, progress: bool = True,
                 desc: str = "scoring", n_batches_min: int | None = None,
-                max_batch_tokens: int | None = None, strategy: str = "auto", min_rows: int = 1) -> list[list[float]]:
+                max_batch_tokens: int | None = None, strategy: str = "auto", min_rows: int = 1,
+                lookahead: int = 1) -> list[list[float]]:
     """Summed log-probability of every candidate of every case, in input order.
 
     strategy: packed (one pass, 4D mask: sdpa, eager), cached (prompt pass without mask + candidate pass on its KV
@@ -294,6 +356,11 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
     `n_batches_min` pads the loop with repeated batches (results dropped) so that every data-parallel rank runs the
     same number of forward passes, which sharded models (ZeRO-3, FSDP) require. `min_rows` repeats a smaller
     batch's last case up to that many rows (results dropped): compiled layers then need no graphs for one row.
+
+    Nothing in a batch makes the host wait for the GPU (pinned copies in, scores gathered on the device and copied
+    out behind the kernels), and a batch's scores are read only after the next `lookahead` batches are queued: on a
+    GPU the host builds and queues batch n + 1 while batch n runs. `lookahead=0` reads every batch before queueing
+    the next (the GPU idles while the host works; for comparisons).
     """
     from tqdm.auto import tqdm
 
@@ -316,6 +383,12 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
     results: list[list[float] | None] = [None] * len(cases)
     window = profile_window(desc)
     tokens = 0
+    queued: deque[_Fetch] = deque()
+
+    def collect(fetch: _Fetch) -> None:
+        for i, s in zip(fetch.batch, fetch.rows()):
+            results[i] = s
+
     ctx = torch.no_grad() if _distributed() else torch.inference_mode()  # sharded engines modify params in place
     with ctx:
         for n, b in enumerate(tqdm(batches + batches[-1:] * extra, desc=desc, unit="batch", disable=not progress,
@@ -323,12 +396,16 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
             rows = [cases[i] for i in b]
             if window:
                 window.begin(n, tokens)
-            scores = fn(model, rows + rows[-1:] * (min_rows - len(rows)), pad_id, device)
-            for i, s in zip(b, scores):
-                results[i] = s
+            flat = fn(model, rows + rows[-1:] * (min_rows - len(rows)), pad_id, device)
+            queued.append(_Fetch(flat, b if n <= len(batches) else [],  # repeated batches: results dropped
+                                 [len(c.candidates) for c in rows]))
+            while len(queued) > lookahead:
+                collect(queued.popleft())
             if window:
                 tokens += sum(lengths[i] for i in b)
                 window.end(n, tokens, force=n == len(batches) + extra)
+        while queued:
+            collect(queued.popleft())
     if window and not window.done:
         import logging
 

@@ -22,6 +22,10 @@ That is the `packed` strategy. The default is `cached`: the right-padded prompts
 one small pass on the prompts' KV cache. Same scores, prompt still computed once; measured 15% faster for the 8B
 architecture on an H200, 1.3x on a 2-core CPU. Either strategy can run through compiled decoder layers
 (`compiled_layers`), which share a few graphs however many layers there are.
+
+On a GPU the host never waits for the device while it scores: inputs are copied from pinned memory, each batch's
+scores are gathered on the device and copied out behind its kernels, and they are read only once the next batch is
+queued (`score_cases(lookahead=1)`), so the GPU stays busy while Python builds the next batch.
 """
 
 from __future__ import annotations

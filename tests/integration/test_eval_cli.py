@@ -309,3 +309,21 @@ def test_a_model_target_takes_another_tokenizer(app, tmp_path):
     (run_dir / "manifest.json").write_text("{}")
     refused = run_cli(app, run_dir, "--tokenizer", tok_dir, *common)
     assert refused.exit_code == 2 and "--tokenizer is for model targets" in refused.output
+
+
+def test_eval_output_carries_no_import_time_notes_of_optional_packages(tmp_path):
+    """`lexfine eval` in a fresh process: with torchao installed, transformers imports it, and torchao's notes (C
+    extensions built for another torch, no Triton) and torch's deprecation notes about its types must not reach the
+    output, nor PEFT's deprecation warning when it loads an adapter; the result line must."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchao")
+    res = subprocess.run([sys.executable, "-m", "lexfine.cli", "eval", "smollm2-135m", "--task", "sjp", "--data",
+                          "bundled:sjp_fr_heldout", "--limit", "2", "-q", "--no-cache", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    noise = [line for line in res.stderr.splitlines()
+             if "torchao" in line or "_pytree" in line or "is_gradient_checkpointing" in line]
+    assert not noise, res.stderr
+    assert "sjp-loglik: n=2" in res.stderr

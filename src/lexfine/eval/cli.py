@@ -74,10 +74,12 @@ def eval_command(
 
 def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, compile, fp8, split, max_length, base, backend, max_new_tokens,
          prompt_template, system_prompt, tokenizer, seed, with_base, no_cache, quiet) -> None:
+    from lexfine import logs
     from lexfine.config import DataArgs, ModelArgs
     from lexfine.eval.runner import evaluate
     from lexfine.eval.tasks import check_mode, split_entry
 
+    logs.setup()  # before transformers is imported: its optional packages' import-time notes stay out of the output
     tasks = [split_entry(t.strip(), mode)[0] for t in task.split(",") if t.strip()]  # sjp, sjp@validation, ...
     check_mode(mode)
     data_args = None

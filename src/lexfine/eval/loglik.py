@@ -112,6 +112,12 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` in newer transformers (`past_key_values` is deprecated
+    there and warns on every call), `past_key_values` before."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
 def _for_model(mask: torch.Tensor, model) -> torch.Tensor:
     """A boolean attention mask (True = may attend) as the model's attention wants it: eager adds it to the scores."""
     if _attn_impl(model) != "eager":
@@ -214,8 +220,9 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> torch.
     cols = torch.unique(last)  # sorted; logits at each row's last prompt token only
     where = torch.searchsorted(cols, last)
     ids, cols, where, lens_d = (to_device(t, device) for t in (ids, cols, where, lens))
+    kv = _cache_kwarg(model)
     out = model(input_ids=ids, logits_to_keep=cols, use_cache=width > 0,
-                past_key_values=CacheUpdatedOutsideGraphs(model.config) if width else None)
+                **{kv: CacheUpdatedOutsideGraphs(model.config) if width else None})
     first = torch.log_softmax(out.logits[torch.arange(bsz, device=device), where].float(), -1)
     starts = _picked_sums(first[:, None], [(i, [0], c[:1]) for i, case in enumerate(cases) for c in case.candidates],
                           device)
@@ -236,8 +243,9 @@ def _score_batch_cached(model, cases: list[Case], pad_id: int, device) -> torch.
     own |= torch.eye(width, dtype=torch.bool, device=device)[None] & (seg[:, :, None] < 0)
     prompt_keys = torch.arange(plen, device=device)[None, :] < lens_d[:, None]  # not the right padding
     mask = _for_model(torch.cat([prompt_keys[:, None, :].expand(bsz, width, plen), own], dim=-1)[:, None], model)
-    out2 = model(input_ids=blk, position_ids=pos, attention_mask=mask,
-                 past_key_values=out.past_key_values, use_cache=True, logits_to_keep=width)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    out2 = model(input_ids=blk, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=width,
+                 **{kv: cache})
     logp = torch.log_softmax(out2.logits.float(), -1)
     # a candidate's tokens after its first, predicted inside the block (a one-token candidate: nothing to add)
     rest = _picked_sums(logp, [(i, list(range(off, off + len(c) - 1)), c[1:])

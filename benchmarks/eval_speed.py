@@ -56,6 +56,21 @@ def _prompts(tok, task_name, mode, data, n, max_length, data_args):
     return [build_prompt(tok, c.example, plan, "middle")[0] for c in cases], plan
 
 
+class _both:
+    """Two context managers entered as one."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __enter__(self):
+        self.a.__enter__()
+        self.b.__enter__()
+
+    def __exit__(self, *exc):
+        self.b.__exit__(*exc)
+        return self.a.__exit__(*exc)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU mode: embedded SmolLM2, few cases, short contexts")
@@ -75,7 +90,8 @@ def main(argv=None) -> int:
                     "to time it with torch.compile'd decoder layers (e.g. cached,cached+compiled,packed+compiled); +sync reads each "
                     "batch's scores before queueing the next (lookahead 0: the GPU idles while the host builds a batch); +fp8 "
                     "converts the model to FP8 matmuls (lexfine eval --fp8) for this and every later strategy; +flash keeps "
-                    "SDPA off its cuDNN kernels")
+                    "SDPA off its cuDNN kernels; +repeat scores cached's candidate pass as before the seventh session "
+                    "(keys and values copied to every query head, lexfine.eval.grouped_attention)")
     ap.add_argument("--python-xielu", action="store_true", help="keep transformers' unfused Python xIELU (Apertus)")
     ap.add_argument("--no-generate", action="store_true", help="skip the generate baseline")
     ap.add_argument("--no-lexam", action="store_true", help="skip LEXam (SJP only)")
@@ -137,13 +153,20 @@ def main(argv=None) -> int:
                 model, fp8_state["layers"] = fp8.convert(model)  # irreversible: later strategies stay FP8
             compiled = "compiled" in parts
             attn = nullcontext()
-            if "flash" in parts:  # SDPA without its cuDNN kernels (as training's default), graphs traced anew
+            if compiled:  # graphs traced anew: inductor fixes the attention kernel when it traces
                 import torch._dynamo
 
+                torch._dynamo.reset()
+            if "flash" in parts:  # SDPA without its cuDNN kernels (as training's default)
                 from lexfine.train.speed import attention_kernels
 
-                torch._dynamo.reset()
                 attn = attention_kernels({"cudnn_attention": False})
+            if "repeat" in parts:  # no folding of the candidate pass onto the grouped key/value heads
+                from unittest import mock
+
+                from lexfine.eval import grouped_attention
+
+                attn = _both(attn, mock.patch.object(grouped_attention, "MAX_FOLDED_ROWS", 0))
             kw = {"strategy": parts[0], "min_rows": 2 if compiled else 1, "lookahead": 0 if "sync" in parts else 1}
             try:
                 with attn, compiled_layers(model) if compiled else nullcontext():

@@ -49,6 +49,17 @@
 #   w   carry .gpu19/w .gpu19/s   benchmarks/eval_speed.py on 1,500 French cases, compiled, bf16 then FP8, each reading
 #                                 scores one batch later (the default) and before queueing the next batch (+sync);
 #                                 batches 30-34 of each profiled
+#   (seventh session)
+#   y   carry .gpu19/w .gpu19/s   benchmarks/attention_gqa.py (one batch's causal attention with grouped K/V heads:
+#                                 K/V repeated for cuDNN vs flash reading the grouped heads), then eval_speed.py on
+#                                 1,500 French cases, compiled, bf16 and FP8, each with PyTorch's attention choice
+#                                 (cuDNN) and with flash (+flash); batches 30-34 of each profiled
+#   (seventh session, nvidia-h200-x2; z and then t, back to back on the same machine)
+#   z   carry .gpu19/w .gpu19/s   GPU 0: stage t's stand-in with --fp8 on one GPU, from process start. GPU 1: the
+#                                 queueing GPU test, then eval_speed.py on 1,500 French cases, compiled, bf16 and FP8,
+#                                 each with the candidate pass folded onto the grouped K/V heads (the default) and
+#                                 as before (+repeat: K/V copied to every query head); batches 30-34 profiled
+#   then: GPU19_T_GPUS=2 GPU19_T_FLAGS=" " bash benchmarks/gpu19_session.sh t   (the stand-in in bf16 on both GPUs)
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB) + torchao
 #               0.17.0 (the release built for torch 2.11; from PyPI: $GPU19_TORCHAO or `pip download`)
@@ -57,7 +68,7 @@
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u or w}
+stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y or z}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
@@ -87,7 +98,7 @@ PY
 fi
 
 W=${GPU19_W:-$HOME/gpu19}             # outside the repository copy, which each device call lays anew
-[[ $stage == [prtuw] ]] && export PYTHONPYCACHEPREFIX=$W/pycache  # byte code kept, as a user's install has it
+[[ $stage == [prtuwyz] ]] && export PYTHONPYCACHEPREFIX=$W/pycache  # byte code kept, as a user's install has it
 OUT=${OUT:-/tmp/out}
 mkdir -p "$W" "$OUT"
 DEADLINE=$(( $(date +%s) + ${STAGE_S:-570} ))
@@ -502,8 +513,46 @@ PY
     for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$OUT/profile-$(basename "$d").json" 2>/dev/null
       cp "$d/ops.txt" "$OUT/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
     ;;
+  y)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
+    timeout -k 10 120 python3 benchmarks/attention_gqa.py --json "$OUT/attention_gqa.json" > "$OUT/attention_gqa.txt" 2>&1
+    echo "attention_gqa: exit $?" >> "$OUT/session.log"
+    LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
+      timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
+      --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
+      --strategies ${GPU19_Y_STRATEGIES:-cached+compiled,cached+compiled+flash,cached+compiled+fp8,cached+compiled+fp8+flash} \
+      --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
+    echo "eval_speed: exit $?" >> "$OUT/session.log"
+    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$OUT/profile-$(basename "$d").json" 2>/dev/null
+      cp "$d/ops.txt" "$OUT/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    ;;
+  z)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 standin_eval 1 > "$OUT/standin.txt" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 10 180 python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_eval_gpu.py -k queueing > "$OUT/gpu_test_queueing.txt" 2>&1
+      echo "GPU test (queueing): exit $?"
+      GPU19_Y_STRATEGIES=cached+compiled+repeat,cached+compiled,cached+compiled+fp8+repeat,cached+compiled+fp8
+      LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
+        timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
+        --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
+        --strategies $GPU19_Y_STRATEGIES --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
+      echo "eval_speed: exit $?"
+    ) >> "$OUT/session.log" 2>&1
+    wait
+    cat "$OUT/standin.txt" >> "$OUT/session.log"
+    mkdir -p "$W/zout"  # few files come back from a call: the profiles and results in one archive
+    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$W/zout/profile-$(basename "$d").json" 2>/dev/null
+      cp "$d/ops.txt" "$W/zout/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    mv "$OUT"/eval_speed.json "$OUT"/gpu_test_queueing.txt "$W/zout/" 2>/dev/null
+    (cd "$W" && tar czf "$OUT/z-results.tgz" zout eval-* 2>/dev/null)
+    ;;
   *)
-    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u or w)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y or z)" >&2
     exit 2
     ;;
 esac

@@ -261,3 +261,61 @@ def test_eval_profile_window_records_the_batches_it_names_and_scores_the_same(ti
     monkeypatch.setenv("LEXFINE_EVAL_PROFILE", "3")
     with pytest.raises(LexfineError, match="FIRST-LAST"):
         score_cases(tiny, cases, batch_size=1, progress=False)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_folded_grouped_attention_equals_transformers_sdpa(mask_kind):
+    """A few masked query rows folded onto the grouped key/value heads give transformers' SDPA attention (which
+    repeats the keys and values to every query head)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lexfine.eval.grouped_attention import grouped_sdpa
+
+    g = torch.Generator().manual_seed(5)
+    b, h, hk, q_len, k_len, d = 3, 8, 2, 5, 23, 16
+    module = SimpleNamespace(num_key_value_groups=h // hk, is_causal=True, training=False)
+    query, key, value = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, q_len), (hk, k_len), (hk, k_len)))
+    mask = torch.rand(b, 1, q_len, k_len, generator=g) > 0.4
+    mask[..., 0] = True  # every query row sees a key
+    if mask_kind == "additive":
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=d ** -0.5)
+    got, _ = grouped_sdpa(module, query, key, value, mask, scaling=d ** -0.5)
+    assert got.shape == want.shape == (b, q_len, h, d)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_candidate_pass_never_copies_the_cache_into_every_query_head(tiny, monkeypatch):
+    """`cached` scoring of multi-token candidates: the candidate pass reads the grouped keys and values as they are
+    (transformers' repeat_kv is never called); the scores stay the naive ones and the model keeps SDPA."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from lexfine.eval import grouped_attention
+
+    repeats, folded = [], []
+    real_repeat, real_fold = sdpa.repeat_kv, grouped_attention.grouped_sdpa
+
+    def counting_repeat(x, n_rep):
+        repeats.append(x.shape)
+        return real_repeat(x, n_rep)
+
+    def counting_fold(module, query, key, value, attention_mask, **kw):
+        folded.append(attention_mask is not None and query.shape[1] != key.shape[1])
+        return real_fold(module, query, key, value, attention_mask, **kw)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setattr(sdpa, "repeat_kv", counting_repeat)
+    monkeypatch.setitem(AttentionInterface._global_mapping, grouped_attention.NAME, counting_fold)
+    cases = _cases()
+    got = score_cases(tiny, cases, batch_size=4, progress=False, strategy="cached")
+    assert any(folded) and not repeats
+    assert tiny.config._attn_implementation == "sdpa"
+    for case, row in zip(cases, got):
+        assert row == pytest.approx(naive(tiny, case), abs=1e-4)
+    # the same scoring with the fold switched off copies the cache (so the check above can fail)
+    monkeypatch.setattr(grouped_attention, "MAX_FOLDED_ROWS", 0)
+    score_cases(tiny, cases, batch_size=4, progress=False, strategy="cached")
+    assert repeats

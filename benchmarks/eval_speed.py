@@ -56,21 +56,6 @@ def _prompts(tok, task_name, mode, data, n, max_length, data_args):
     return [build_prompt(tok, c.example, plan, "middle")[0] for c in cases], plan
 
 
-class _both:
-    """Two context managers entered as one."""
-
-    def __init__(self, a, b):
-        self.a, self.b = a, b
-
-    def __enter__(self):
-        self.a.__enter__()
-        self.b.__enter__()
-
-    def __exit__(self, *exc):
-        self.b.__exit__(*exc)
-        return self.a.__exit__(*exc)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU mode: embedded SmolLM2, few cases, short contexts")
@@ -136,7 +121,7 @@ def main(argv=None) -> int:
     rows = []
     fp8_state: dict = {}
     warm_s: dict[str, float] = {}  # warm-up seconds per task and strategy (compilation included), not in the rows
-    from contextlib import nullcontext
+    from contextlib import ExitStack, nullcontext
 
     from lexfine.eval.loglik import compiled_layers
 
@@ -152,7 +137,7 @@ def main(argv=None) -> int:
 
                 model, fp8_state["layers"] = fp8.convert(model)  # irreversible: later strategies stay FP8
             compiled = "compiled" in parts
-            attn = nullcontext()
+            attn = ExitStack()  # the phase's settings, undone when it ends
             if compiled:  # graphs traced anew: inductor fixes the attention kernel when it traces
                 import torch._dynamo
 
@@ -160,13 +145,13 @@ def main(argv=None) -> int:
             if "flash" in parts:  # SDPA without its cuDNN kernels (as training's default)
                 from lexfine.train.speed import attention_kernels
 
-                attn = attention_kernels({"cudnn_attention": False})
+                attn.enter_context(attention_kernels({"cudnn_attention": False}))
             if "repeat" in parts:  # no folding of the candidate pass onto the grouped key/value heads
                 from unittest import mock
 
                 from lexfine.eval import grouped_attention
 
-                attn = _both(attn, mock.patch.object(grouped_attention, "MAX_FOLDED_ROWS", 0))
+                attn.enter_context(mock.patch.object(grouped_attention, "MAX_FOLDED_ROWS", 0))
             kw = {"strategy": parts[0], "min_rows": 2 if compiled else 1, "lookahead": 0 if "sync" in parts else 1}
             try:
                 with attn, compiled_layers(model) if compiled else nullcontext():

@@ -220,6 +220,20 @@ PY
   tr '\r' '\n' < "$W/eval-standin.log" | grep -v '^\s*$' | tail -n 6  # with its progress bar: how far a cut run got
 }
 
+eval_speed_ab() {  # eval_speed_ab STRATEGIES: benchmarks/eval_speed.py on GPU19_EVAL_N (1,500) French cases, SJP
+  # only, batches 30-34 of each strategy profiled; eval_speed.{txt,json} in $OUT
+  LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
+    timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
+    --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam --strategies "$1" \
+    --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
+  echo "eval_speed: exit $?"
+}
+
+copy_profiles() {  # copy_profiles DIR: each profiled strategy's summary and ops table
+  for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$1/profile-$(basename "$d").json" 2>/dev/null
+    cp "$d/ops.txt" "$1/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+}
+
 if [ -z "${GPU19_DRY:-}" ] && [ ! -d /tmp/site/trl ]; then
   # byte-compiled as pip does for a user (--no-compile left ~9 s of source compilation in every cold process)
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site \
@@ -504,28 +518,17 @@ PY
     ;;
   w)
     date -u > "$OUT/session.log"
-    LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
-      timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
-      --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
-      --strategies cached+compiled+sync,cached+compiled,cached+compiled+fp8+sync,cached+compiled+fp8 \
-      --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
-    echo "eval_speed: exit $?" >> "$OUT/session.log"
-    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$OUT/profile-$(basename "$d").json" 2>/dev/null
-      cp "$d/ops.txt" "$OUT/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    eval_speed_ab cached+compiled+sync,cached+compiled,cached+compiled+fp8+sync,cached+compiled+fp8 >> "$OUT/session.log"
+    copy_profiles "$OUT"
     ;;
   y)
     { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
       lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
     timeout -k 10 120 python3 benchmarks/attention_gqa.py --json "$OUT/attention_gqa.json" > "$OUT/attention_gqa.txt" 2>&1
     echo "attention_gqa: exit $?" >> "$OUT/session.log"
-    LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
-      timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
-      --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
-      --strategies ${GPU19_Y_STRATEGIES:-cached+compiled,cached+compiled+flash,cached+compiled+fp8,cached+compiled+fp8+flash} \
-      --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
-    echo "eval_speed: exit $?" >> "$OUT/session.log"
-    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$OUT/profile-$(basename "$d").json" 2>/dev/null
-      cp "$d/ops.txt" "$OUT/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    eval_speed_ab cached+compiled,cached+compiled+flash,cached+compiled+fp8,cached+compiled+fp8+flash \
+      >> "$OUT/session.log"
+    copy_profiles "$OUT"
     ;;
   z)
     { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
@@ -536,18 +539,12 @@ PY
       LEXFINE_TEST_TOKENIZER=$W/tok timeout -k 10 180 python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_eval_gpu.py -k queueing > "$OUT/gpu_test_queueing.txt" 2>&1
       echo "GPU test (queueing): exit $?"
-      GPU19_Y_STRATEGIES=cached+compiled+repeat,cached+compiled,cached+compiled+fp8+repeat,cached+compiled+fp8
-      LEXFINE_EVAL_PROFILE=${GPU19_EVAL_PROFILE:-30-34} LEXFINE_EVAL_PROFILE_DIR=$W/evalprofile \
-        timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/eval_speed.py --tokenizer $W/tok \
-        --data $D/sjp/fr_train.parquet --cases ${GPU19_EVAL_N:-1500} --no-generate --no-lexam \
-        --strategies $GPU19_Y_STRATEGIES --json "$OUT/eval_speed.json" > "$OUT/eval_speed.txt" 2>&1
-      echo "eval_speed: exit $?"
+      eval_speed_ab cached+compiled+repeat,cached+compiled,cached+compiled+fp8+repeat,cached+compiled+fp8
     ) >> "$OUT/session.log" 2>&1
     wait
     cat "$OUT/standin.txt" >> "$OUT/session.log"
     mkdir -p "$W/zout"  # few files come back from a call: the profiles and results in one archive
-    for d in "$W"/evalprofile/*/; do cp "$d/summary.json" "$W/zout/profile-$(basename "$d").json" 2>/dev/null
-      cp "$d/ops.txt" "$W/zout/profile-$(basename "$d")-ops.txt" 2>/dev/null; done
+    copy_profiles "$W/zout"
     mv "$OUT"/eval_speed.json "$OUT"/gpu_test_queueing.txt "$W/zout/" 2>/dev/null
     (cd "$W" && tar czf "$OUT/z-results.tgz" zout eval-* 2>/dev/null)
     ;;

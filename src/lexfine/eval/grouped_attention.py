@@ -80,8 +80,9 @@ def grouped_candidate_attention(model):
     config = getattr(base, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    settable = getattr(base, "_can_set_attn_implementation", lambda: True)  # models outside AttentionInterface
     if (base is None or getattr(config, "_attn_implementation", None) != "sdpa" or not heads or not kv_heads
-            or heads == kv_heads):
+            or heads == kv_heads or not settable()):
         yield False
         return
     _register()

@@ -4,13 +4,13 @@ With grouped-query attention (Apertus-8B: 32 query heads share 8 key/value heads
 SDPA path repeats the keys and values to one copy per query head (`repeat_kv`): PyTorch's fused kernels take grouped
 heads only without a mask. The candidate pass has a mask (a candidate must not see another one, nor the prompts'
 right padding), so every layer copied the whole prompt cache, 4x over, to score a few tokens: on an H200 the two
-copies took 8% of an FP8 scoring batch's GPU time, more than the candidate pass's own compute
-(docs/performance.md).
+copies took 8% of an FP8 scoring batch's GPU time (docs/performance.md).
 
 Here a query block of a few tokens is folded onto the key/value heads instead: the `g` query heads of a group become
 `g x tokens` query rows of their key/value head, and the mask's rows are repeated `g` times (a few kB). SDPA then
-reads every cached key and value once. Same attention, the same kernels' numerics; longer queries (the prompt pass,
-and the `packed` strategy) and masks that differ per head go through transformers' SDPA as before.
+reads every cached key and value once. The same attention, computed by SDPA's fused kernels as before; longer
+queries (the prompt pass, the `packed` strategy) and masks that differ per head go through transformers' SDPA
+unchanged. Measured on one H200 (seventh session): +13.6% prompt tokens/s in bf16, +8.7% with FP8 matmuls.
 """
 
 from __future__ import annotations

@@ -80,6 +80,16 @@ class CompiledLayerCall:
             return self.compiled(*args, **kwargs)
 
 
+def cache_kwarg(fn) -> str:
+    """The keyword under which transformers' `fn` (a model's forward, create_causal_mask) takes a KV cache: `cache`
+    in newer transformers (`past_key_values` is deprecated there and warns on every call), `past_key_values` in
+    5.17 and before."""
+    try:
+        return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def causal_sdpa(config) -> bool:
     """Whether the model attends through SDPA, causally, over the whole sequence (no sliding window, no
     bidirectional or chunked layers): then the causal mask is all the masking a right-padded row needs."""
@@ -109,9 +119,8 @@ class CausalMasks:
             from transformers.masking_utils import create_causal_mask
 
             ones = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            # transformers renamed past_key_values (<= 5.17) to cache: pass the one this version takes
-            cache_kw = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
             mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=ones,
-                                      position_ids=position_ids, allow_is_causal_skip=False, **{cache_kw: None})
+                                      position_ids=position_ids, allow_is_causal_skip=False,
+                                      **{cache_kwarg(create_causal_mask): None})
             self.last = (key, mask)
         return self.last[1]

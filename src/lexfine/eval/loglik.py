@@ -107,18 +107,23 @@ def _attn_impl(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def _forward(model):
+    """The transformers model's forward, under a PEFT wrapper if there is one."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+
+
 def _accepts(model, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return name in inspect.signature(base.forward).parameters
+        return name in inspect.signature(_forward(model)).parameters
     except (TypeError, ValueError):
         return False
 
 
 def _cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache: `cache` in newer transformers (`past_key_values` is deprecated
-    there and warns on every call), `past_key_values` before."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+    """The forward argument that takes a KV cache in this transformers version (lexfine.speed.cache_kwarg)."""
+    from lexfine.speed import cache_kwarg
+
+    return cache_kwarg(_forward(model))
 
 
 def _for_model(mask: torch.Tensor, model) -> torch.Tensor:

@@ -60,6 +60,15 @@
 #                                 each with the candidate pass folded onto the grouped K/V heads (the default) and
 #                                 as before (+repeat: K/V copied to every query head); batches 30-34 profiled
 #   then: GPU19_T_GPUS=2 GPU19_T_FLAGS=" " bash benchmarks/gpu19_session.sh t   (the stand-in in bf16 on both GPUs)
+#   (eighth session, one nvidia-h200: t from empty compile caches, then t warm and k in the next call, back to back)
+#   k   carry .gpu19/w .gpu19/s   benchmarks/xielu_kernels.py: an 8B MLP's xIELU and its FP8 scaling, compiled as
+#                                 scoring runs them vs hand-written Triton kernels (a first version of this stage
+#                                 also ran the kernels inside `--fp8` scoring; its compiled MLP failed, see
+#                                 results/gpu19_h200_2026-11-29g)
+#   GPU19_T_CACHE=~/tcache GPU19_T_COLD=1 bash benchmarks/gpu19_session.sh t   (the stand-in with --fp8, one GPU, from
+#   empty compile caches), then GPU19_T_CACHE=~/tcache bash benchmarks/gpu19_session.sh t (the same, warm), then k
+#   j   carry .gpu19/w .gpu19/s   `lexfine eval --fp8` on 1,500 French cases from empty compile caches, then warm: the
+#                                 summary's new `timing` fields (model, FP8 conversion, prompts, first batch, compiling)
 #
 #   .gpu19/w/   ../shared/wheels/py312-x86_64 without deepspeed (trl, datasets, pydantic, ...; ~5 MiB) + torchao
 #               0.17.0 (the release built for torch 2.11; from PyPI: $GPU19_TORCHAO or `pip download`)
@@ -68,7 +77,7 @@
 # Knobs as in gpu1_session.sh: GPU19_DRY=1 (no install), GPU19_EXTRA / GPU19_TAIL (overrides before / after the
 # stage's own), STAGE_S (570: each stage ends its runs by then).
 set -uo pipefail
-stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y or z}
+stage=${1:?stage prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y, z, k or j}
 if [ "$stage" = prep ]; then
   cd "$(dirname "$0")/.." || exit 1
   rm -rf .gpu19 && mkdir -p .gpu19/w .gpu19/s/tok .gpu19/s/data/sjp
@@ -210,6 +219,10 @@ sample["id"] = [f"{i}-{k}" for k, i in enumerate(sample["id"])]
 sample.to_parquet(f"{d}/standin_test.parquet")
 print(f"stand-in: {n} cases drawn from {len(rows)} French rows, mean facts {mean:.0f} tokens")
 PY
+  if [ -n "${GPU19_T_CACHE:-}" ]; then  # compile caches (inductor, Triton) of their own; GPU19_T_COLD=1 empties them
+    [ -n "${GPU19_T_COLD:-}" ] && rm -rf "$GPU19_T_CACHE"
+    export TORCHINDUCTOR_CACHE_DIR=$GPU19_T_CACHE/inductor TRITON_CACHE_DIR=$GPU19_T_CACHE/triton
+  fi
   launch=(python3 -m lexfine.cli eval)
   [ "$gpus" = 2 ] && launch=(accelerate launch --num_processes 2 -m lexfine.eval)
   t0=$(date +%s%N)
@@ -548,8 +561,32 @@ PY
     mv "$OUT"/eval_speed.json "$OUT"/gpu_test_queueing.txt "$W/zout/" 2>/dev/null
     (cd "$W" && tar czf "$OUT/z-results.tgz" zout eval-* 2>/dev/null)
     ;;
+  k)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/k_session.log" 2>&1
+    timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 benchmarks/xielu_kernels.py \
+      --json "$OUT/xielu_kernels.json" > "$OUT/xielu_kernels.txt" 2>&1
+    echo "xielu_kernels: exit $?" >> "$OUT/k_session.log"
+    ;;
+  j)
+    # `lexfine eval --fp8` on 1,500 French cases from empty compile caches, then warm: the summary's `timing` says
+    # where the time from process start goes (model, FP8 conversion, prompts, first batch, compiling)
+    { date -u; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\))'; } > "$OUT/session.log" 2>&1
+    rm -rf "$W/jcache"
+    for pass in cold warm; do
+      t0=$(date +%s%N)
+      TORCHINDUCTOR_CACHE_DIR=$W/jcache/inductor TRITON_CACHE_DIR=$W/jcache/triton \
+        timeout -k 10 $(( DEADLINE - $(date +%s) - 10 )) python3 -m lexfine.cli eval $M8 --tokenizer $W/tok \
+        --task sjp --data $D/sjp/fr_train.parquet --limit ${GPU19_EVAL_N:-1500} --compile --no-cache --fp8 \
+        --out "$W/eval-j-$pass" > "$W/j-$pass.log" 2>&1
+      echo "$pass: exit $? after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+      tr '\r' '\n' < "$W/j-$pass.log" | grep -E '^(time:|sjp-loglik)'
+      cp "$W/eval-j-$pass/eval/sjp-loglik-fp8/summary.json" "$OUT/j_${pass}_summary.json" 2>/dev/null
+    done >> "$OUT/session.log" 2>&1
+    ;;
   *)
-    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y or z)" >&2
+    echo "unknown stage $stage (prep, s, e, q, f, g, h, n, c, v, x, p, r, m, t, u, w, y, z, k or j)" >&2
     exit 2
     ;;
 esac

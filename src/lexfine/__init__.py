@@ -3,7 +3,7 @@
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-IMPORTED_AT = time.time()  # process start where /proc is missing (lexfine.train.timings)
+IMPORTED_AT = time.time()  # process start where /proc is missing (lexfine.clock)
 
 try:
     __version__ = version("lexfine")

@@ -114,6 +114,29 @@ def test_compiled_scoring_gives_the_eager_scores(app, tmp_path):
         assert list(x["scores"].values()) == pytest.approx(list(y["scores"].values()), abs=2e-3)
     assert "applies to loglik" in run_cli(app, "smollm2-135m", "--task", "sjp", "--mode", "generate", "--compile",
                                           "--limit", 2).output
+    # where the time went, from process start (the pytest process here), in each summary
+    for s in (eager, compiled):
+        t = s["timing"]
+        assert t["model_load_s"] > 0 and t["prompts_s"] >= 0 and 0 < t["first_batch_s"] <= t["seconds"]
+        assert t["since_process_start_s"] >= t["model_load_s"] + t["prompts_s"] + t["seconds"] + t["data_s"]
+        assert 0 < t["called_s"] < t["since_process_start_s"] - t["seconds"]
+        assert "fp8_convert_s" not in t and set(t["compile_cache"]) >= {"fxgraph_hits", "fxgraph_misses"}
+    assert compiled["timing"]["compile_s"] > 0
+
+
+def test_timing_line_says_where_the_time_went():
+    from lexfine.eval.cli import timing_line
+
+    t = {"seconds": 372.8, "prompt_tokens_per_s": 51554.5, "prompts_s": 6.04, "first_batch_s": 17.16,
+         "model_load_s": 5.1, "fp8_convert_s": 2.0, "since_process_start_s": 410.64, "compile_s": 12.3,
+         "called_s": 9.3, "data_s": 1.2}
+    assert timing_line(t) == ("time: 410.6 s from process start: start-up 9.3 s, data 1.2 s, model 5.1 s, "
+                              "FP8 conversion 2.0 s, prompts 6.0 s, scoring 372.8 s (first batch 17.2 s, compiling "
+                              "12.3 s), 51.6k prompt tokens/s")
+    assert timing_line({**t, "model_load_s": None, "compile_s": 0, "first_batch_s": None, "called_s": None}) == (
+        "time: 410.6 s from process start: data 1.2 s, FP8 conversion 2.0 s, prompts 6.0 s, scoring 372.8 s, "
+        "51.6k prompt tokens/s")
+    assert timing_line({"seconds": 1.0, "examples_per_s": 2.0}) == ""  # a summary cached before these fields
 
 
 def test_failed_compilation_falls_back_to_eager_scores(app, tmp_path, monkeypatch, caplog):

@@ -66,7 +66,7 @@ def test_process_start_counts_interpreter_start_up():
     # transformers stubbed out: importing it would only slow the test down
     code = "import sys, time, types; t = time.time(); time.sleep(1.0); m = types.ModuleType('transformers'); " \
            "m.TrainerCallback = object; sys.modules['transformers'] = m; " \
-           "from lexfine.train.timings import process_start_time; print(time.time() - process_start_time(), " \
+           "from lexfine.clock import process_start_time; print(time.time() - process_start_time(), " \
            "time.time() - t)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
                          timeout=300)

@@ -110,6 +110,8 @@ def _run(target, task, data, mode, out, limit, batch_size, max_batch_tokens, com
                            progress=not quiet, max_batch_tokens=max_batch_tokens, compile=compile, fp8=fp8)
         if summary:  # empty on the other ranks of a data-parallel launch: rank 0 reports
             typer.echo(_line(summary), err=True)
+            if not quiet and not summary.get("cached") and (tl := timing_line(summary.get("timing") or {})):
+                typer.echo(tl, err=True)
             paths.append(summary["summary_path"])
         if with_base and out is None and RunDir.is_run_dir(target):
             _record_base(target, name, mode, base, dict(
@@ -162,6 +164,23 @@ def _line(s: dict) -> str:
     if s.get("cached"):
         parts.append("(cached)")
     return "  ".join(parts)
+
+
+def timing_line(t: dict) -> str:
+    """Where this evaluation's time went, from process start (summary.json `timing`)."""
+    if t.get("since_process_start_s") is None or t.get("seconds") is None:
+        return ""
+    parts = [f"{label} {t[k]:.1f} s" for label, k in (
+        ("start-up", "called_s"), ("data", "data_s"), ("model", "model_load_s"), ("FP8 conversion", "fp8_convert_s"),
+        ("prompts", "prompts_s")) if t.get(k) is not None]
+    scoring = f"scoring {t['seconds']:.1f} s"
+    inner = [f"first batch {t['first_batch_s']:.1f} s"] if t.get("first_batch_s") is not None else []
+    if t.get("compile_s"):
+        inner.append(f"compiling {t['compile_s']:.1f} s")
+    if inner:
+        scoring += f" ({', '.join(inner)})"
+    rate = f", {t['prompt_tokens_per_s'] / 1000:.1f}k prompt tokens/s" if t.get("prompt_tokens_per_s") else ""
+    return f"time: {t['since_process_start_s']:.1f} s from process start: " + ", ".join(parts + [scoring]) + rate
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,7 @@ queued (`score_cases(lookahead=1)`), so the GPU stays busy while Python builds t
 from __future__ import annotations
 
 import inspect
+import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -367,7 +368,7 @@ def default_token_cap(device) -> int | None:
 def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, progress: bool = True,
                 desc: str = "scoring", n_batches_min: int | None = None,
                 max_batch_tokens: int | None = None, strategy: str = "auto", min_rows: int = 1,
-                lookahead: int = 1) -> list[list[float]]:
+                lookahead: int = 1, timing: dict | None = None) -> list[list[float]]:
     """Summed log-probability of every candidate of every case, in input order.
 
     strategy: packed (one pass, 4D mask: sdpa, eager), cached (prompt pass without mask + candidate pass on its KV
@@ -381,6 +382,9 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
     out behind the kernels), and a batch's scores are read only after the next `lookahead` batches are queued: on a
     GPU the host builds and queues batch n + 1 while batch n runs. `lookahead=0` reads every batch before queueing
     the next (the GPU idles while the host works; for comparisons).
+
+    `timing`, a dict, receives `first_batch_s`: seconds from the call to the first batch's scores (compilation
+    included; on a GPU, read once the next `lookahead` batches are queued, which the host does while it runs).
     """
     from tqdm.auto import tqdm
 
@@ -405,9 +409,13 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
     tokens = 0
     queued: deque[_Fetch] = deque()
 
+    started = time.perf_counter()
+
     def collect(fetch: _Fetch) -> None:
         for i, s in zip(fetch.batch, fetch.rows()):
             results[i] = s
+        if timing is not None and "first_batch_s" not in timing:
+            timing["first_batch_s"] = round(time.perf_counter() - started, 3)
 
     ctx = torch.no_grad() if _distributed() else torch.inference_mode()  # sharded engines modify params in place
     # the candidate pass attends to the prompts' cache with a mask: fold its few query rows onto the grouped
@@ -422,6 +430,8 @@ def score_cases(model, cases: list[Case], batch_size: int = 8, pad_id: int = 0, 
             flat = fn(model, rows + rows[-1:] * (min_rows - len(rows)), pad_id, device)
             queued.append(_Fetch(flat, b if n <= len(batches) else [],  # repeated batches: results dropped
                                  [len(c.candidates) for c in rows]))
+            if timing is not None and n == 1 and not flat.is_cuda:  # computed already (a GPU's is read below)
+                timing["first_batch_s"] = round(time.perf_counter() - started, 3)
             while len(queued) > lookahead:
                 collect(queued.popleft())
             if window:

@@ -75,6 +75,9 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     fp8: loglik scoring with FP8 matmuls in the decoder layers (lexfine.eval.fp8): approximate scores, kept apart
     from bf16 ones (own folder, keys and cache entries). Only for a model this function loads itself.
     """
+    from lexfine.clock import since_process_start
+
+    marks: dict = {"called_s": round(since_process_start(), 2), "model_load_s": None}  # `timing` (rank 0's)
     t_task, at_split = parse_task_spec(task)
     if at_split:
         if split is not None and split != at_split:
@@ -96,7 +99,9 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
     if data is None:  # the configured defaults (EvalArgs: bundled samples, which work offline)
         ea = tgt.eval_args
         data, split = (ea.sjp_data, split or ea.sjp_split) if t_task.kind == "sjp" else (ea.lexam_data, split)
+    t = time.perf_counter()
     cases, info = load_cases(t_task, mode, data, tgt.data_args, split, limit, seed)
+    marks["data_s"] = round(time.perf_counter() - t, 2)
     if not cases:
         raise DataError(f"no {task} cases to evaluate in {info['data']!r} (split {info['split']})")
     info_dist = dist.setup()
@@ -123,16 +128,21 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
             summary.update(cached=True, cache_key=key, target=tgt.spec)
             return _finish(summary, rows, tgt, t_task, mode, out, write, info_dist, at_split)
 
+    t = time.perf_counter()
     if model is not None and not given:
         model, tokenizer = model()
     elif model is None:
         from lexfine.eval.target import load
 
         model, tokenizer = load(tgt, device=info_dist.device)
+    if not given:
+        marks["model_load_s"] = round(time.perf_counter() - t, 2)
     fp8_info = None
     if fp8:
+        t = time.perf_counter()
         model, n_fp8 = fp8_scoring.convert(model)
         fp8_info = fp8_scoring.info(n_fp8)
+        marks["fp8_convert_s"] = round(time.perf_counter() - t, 2)
     if tokenizer is None:
         raise ConfigError("evaluate(model=...) needs the tokenizer too")
     device = model_device(model)
@@ -146,6 +156,10 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
         model.train(was_training)
     if not info_dist.main:
         return {}
+    from lexfine import compile_cache
+
+    stats["timing"] = {**stats["timing"], **marks, "since_process_start_s": round(since_process_start(), 2),
+                       **compile_cache.stats()}
     summary = build_summary(t_task, mode, rows, stats["candidate_tokens"])
     d = tgt.data_args
     summary.update(stats)
@@ -214,8 +228,10 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
     # Shard by character length (a proxy for tokens) so that each process tokenizes only its own cases.
     mine = dist.shard([len(c.example.before) + len(c.example.facts) + len(c.example.after) for c in cases], info_dist)
     show = progress and info_dist.main
+    t = time.perf_counter()
     prompts, truncated = build_prompts(tokenizer, [cases[i].example for i in mine], plan, tgt.data_args.truncation,
                                        f"{task.name} prompts", show)
+    timing = {"prompts_s": round(time.perf_counter() - t, 2)}
     prompts, truncated = dict(zip(mine, prompts)), dict(zip(mine, truncated))
     order = list(prompts)
     # Each data-parallel process holds a full model copy, so processes need not run in lock-step (no batch padding).
@@ -228,7 +244,8 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
         if compiled:
             try:
                 with compiled_layers(model) as n_layers:
-                    outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens, min_rows=2)
+                    outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens, min_rows=2,
+                                       timing=timing)
                 compiled = n_layers > 0
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -236,7 +253,8 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
                 log.warning("compiled scoring failed (%s: %s); scoring eagerly", type(e).__name__, str(e)[:300])
                 compiled = False
         if outs is None:
-            outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens)
+            timing.pop("first_batch_s", None)  # a failed compiled attempt's
+            outs = score_cases(model, score, *args, max_batch_tokens=max_batch_tokens, timing=timing)
     elif backend == "vllm":
         outs = _vllm(tgt, tokenizer, [prompts[i] for i in order], max_new, gen.stop_ids(tokenizer, eot), max_length)
     else:
@@ -272,7 +290,7 @@ def _run(model, tokenizer, tgt: Target, task: Task, mode: str, cases, max_length
         "prompt_tokens_mean": n_tok / len(rows),
         "prompt_tokens_max": max(r["prompt_tokens"] for r in rows),
         "timing": {"seconds": round(seconds, 3), "examples_per_s": round(len(rows) / seconds, 3) if seconds else None,
-                   "prompt_tokens_per_s": round(n_tok / seconds, 1) if seconds else None},
+                   "prompt_tokens_per_s": round(n_tok / seconds, 1) if seconds else None, **timing},
         "example_prompt": tokenizer.decode(prompts[order[-1]]) if order else None,
     }
     return rows, stats

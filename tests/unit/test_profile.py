@@ -1,6 +1,5 @@
 """train.profile_steps: the profiler window and its summary of device time."""
 
-
 import pytest
 
 from lexfine.config import validate

@@ -158,11 +158,11 @@ def evaluate(target, task: str, mode: str = "loglik", data: str | None = None, o
         return {}
     from lexfine import compile_cache
 
-    stats["timing"] = {**stats["timing"], **marks, "since_process_start_s": round(since_process_start(), 2),
-                       **compile_cache.stats()}
     summary = build_summary(t_task, mode, rows, stats["candidate_tokens"])
     d = tgt.data_args
     summary.update(stats)
+    summary["timing"] = {**stats["timing"], **marks, "since_process_start_s": round(since_process_start(), 2),
+                         **compile_cache.stats()}
     summary["settings"] = {**{k: info[k] for k in ("data", "split", "limit", "seed", "fingerprint")},
                            "max_length": max_length, "batch_size": batch_size,
                            "max_batch_tokens": max_batch_tokens, "prompt_template": d.prompt_template,

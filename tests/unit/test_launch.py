@@ -49,6 +49,28 @@ def test_strategies_map_to_trainer_fields(monkeypatch):
     assert training_fields("ddp", True) == {"ddp_find_unused_parameters": False}
 
 
+def test_full_fine_tuning_under_zero_keeps_fp32_weights_under_autocast(monkeypatch):
+    """DeepSpeed's bf16 mode would compute on bf16 weights (another trajectory than DDP/FSDP2 for full FT): full
+    fine-tuning in bf16 under ZeRO goes through DeepSpeed's torch_autocast, with the Trainer's bf16 off."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from lexfine.train.strategies import autocast_by_deepspeed, zero_autocast
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    assert [zero_autocast(s, "full", True) for s in ("none", "ddp", "zero2", "zero3", "fsdp2")] == [
+        False, False, True, True, False]
+    assert not zero_autocast("zero3", "lora", True) and not zero_autocast("zero3", "full", False)
+    for stage in ("zero2", "zero3"):
+        ds = training_fields(stage, True, autocast=True)["deepspeed"]
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        assert ds["bf16"] == {"enabled": "auto"}  # resolved from the Trainer's bf16, which build_args turns off
+        assert autocast_by_deepspeed(SimpleNamespace(deepspeed=ds))
+        assert "torch_autocast" not in training_fields(stage, True)["deepspeed"]
+    assert not autocast_by_deepspeed(SimpleNamespace(deepspeed=None))
+
+
 def test_zero_without_deepspeed_is_a_clear_error(monkeypatch):
     import importlib.util
 
@@ -71,3 +93,15 @@ def test_local_launch_refuses_several_nodes_and_unknown_launchers():
         local_command("/x/c.yaml", 8, num_machines=2)
     with pytest.raises(ConfigError, match="'mpirun'"):
         local_command("/x/c.yaml", 2, launcher="mpirun")
+
+
+def test_manifest_precision_names_how_the_run_computes():
+    from types import SimpleNamespace
+
+    from lexfine.train.sft import precision
+
+    zero = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    assert precision(SimpleNamespace(bf16=False, deepspeed=zero)) == "bf16 autocast (DeepSpeed torch_autocast)"
+    assert precision(SimpleNamespace(bf16=True, deepspeed={"bf16": {"enabled": "auto"}})).startswith("bf16 (DeepSpeed")
+    assert precision(SimpleNamespace(bf16=True, deepspeed=None)) == "bf16 autocast"
+    assert precision(SimpleNamespace(bf16=False, deepspeed=None)) == "fp32"

@@ -211,9 +211,15 @@ class EvalDuringCallback(TrainerCallback):
     def _evaluate(self, args, state, control, model) -> None:
         import torch
 
+        from lexfine.eval.runner import model_device
+        from lexfine.train.strategies import autocast_by_deepspeed
+
         t0 = time.perf_counter()
         lockstep = self.cfg.launch.strategy in ("zero3", "fsdp2") and self.info.world > 1
-        autocast = self.trainer.accelerator.autocast() if self.trainer and self.cfg.method == "full" else _null()
+        autocast = _null()
+        if self.trainer and self.cfg.method == "full":  # fp32 weights: score in the bf16 the training computes in
+            autocast = (torch.autocast(model_device(model).type, dtype=torch.bfloat16)
+                        if autocast_by_deepspeed(self.trainer.args) else self.trainer.accelerator.autocast())
         with preserved_rng(), eager_eval(model), torch.no_grad(), autocast:
             values = score(model, self.prepared, self.info, self.cfg.eval_during.batch_size, lockstep)
         forget_zero3_trace(self.trainer)

@@ -100,11 +100,14 @@ def build_args(cfg: RunConfig, rd: RunDir):
     from trl import SFTConfig
 
     from lexfine.train.speed import pad_to_multiple_of
-    from lexfine.train.strategies import training_fields
+    from lexfine.train.strategies import training_fields, zero_autocast
 
     t = cfg.train
     cuda = torch.cuda.is_available()
     bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    # full fine-tuning under ZeRO: DeepSpeed applies the bf16 autocast itself (its bf16 mode would compute on bf16
+    # weights), so the Trainer's own bf16 (which would turn DeepSpeed's bf16 mode on) stays off
+    autocast = zero_autocast(cfg.launch.strategy, cfg.method, bf16)
     fields = dict(
         output_dir=str(rd.checkpoints),
         learning_rate=t.lr,
@@ -119,7 +122,7 @@ def build_args(cfg: RunConfig, rd: RunDir):
         optim=t.optim,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=bf16,
+        bf16=bf16 and not autocast,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -147,10 +150,21 @@ def build_args(cfg: RunConfig, rd: RunDir):
         disable_tqdm=not is_main_process(),
         use_cpu=not cuda,
     )
-    fields.update(training_fields(cfg.launch.strategy, t.gradient_checkpointing))
+    fields.update(training_fields(cfg.launch.strategy, t.gradient_checkpointing, autocast))
     if cfg.launch.strategy == "fsdp2" and not cuda and world_size() > 1:
         log.warning("launch.strategy=fsdp2 needs CUDA GPUs: on a CPU accelerate trains these processes with plain DDP")
     return SFTConfig(**_compatible(SFTConfig, fields))
+
+
+def precision(args) -> str:
+    """How this training computes, for the manifest: runs that compute differently are not the same experiment."""
+    from lexfine.train.strategies import autocast_by_deepspeed
+
+    if autocast_by_deepspeed(args):
+        return "bf16 autocast (DeepSpeed torch_autocast)"
+    if args.bf16:
+        return "bf16 (DeepSpeed bf16 mode: bf16 weights)" if args.deepspeed else "bf16 autocast"
+    return "fp32"
 
 
 def lr_scheduler(t) -> str:
@@ -269,7 +283,7 @@ def _train(cfg: RunConfig, rd: RunDir, main: bool, guard) -> bool:
     dataset, stats = load_dataset(cfg, tokenizer)
     timings = {"data_prep_s": round(time.perf_counter() - t0, 2)}
     if main:
-        rd.update_manifest(data=stats.as_dict())
+        rd.update_manifest(data=stats.as_dict(), precision=precision(args))
         log.info("data: %d examples, %d truncated (facts cut)", stats.n, stats.truncated)
 
     dtype = weights_dtype(cfg)

@@ -20,7 +20,22 @@ _ZERO_COMMON: dict[str, Any] = {
 }
 
 
-def deepspeed_config(stage: int) -> dict[str, Any]:
+def zero_autocast(strategy: str, method: str, bf16: bool) -> bool:
+    """Full fine-tuning in bf16 under ZeRO-2/3 computes through DeepSpeed's `torch_autocast`, not its `bf16` mode.
+
+    DeepSpeed's bf16 mode casts the model itself to bf16 and keeps the fp32 copy in the optimizer: every forward pass
+    then runs on bf16 weights, norms and embeddings included, and the residual stream is bf16. An update below half
+    a bf16 step of its weight (1e-5 on a norm weight of 1.0, whose step is 0.0078) reaches the fp32 copy but not the
+    computation, so a run trains another trajectory than the same config under DDP or FSDP2, which keep fp32 weights
+    under autocast. Measured (docs/performance.md, "Multi-GPU correctness"): full fine-tuning of a 0.9B Apertus at lr
+    1e-5 on 2 H200s, the loss at step 3 was 8.26 under ZeRO-2 and ZeRO-3 against 3.42 on 1 GPU, DDP and FSDP2.
+    `torch_autocast` keeps the fp32 weights and runs the forward pass under torch.autocast, as the other strategies
+    do. LoRA keeps DeepSpeed's bf16 mode: its frozen base is bf16 anyway (the same measurement: within 4e-4)."""
+    return bf16 and method == "full" and strategy in ("zero2", "zero3")
+
+
+def deepspeed_config(stage: int, autocast: bool = False) -> dict[str, Any]:
+    """A ZeRO config; `autocast`: bf16 compute through torch.autocast on fp32 weights (zero_autocast)."""
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if stage == 3:
         # Without it, saving through accelerate raises or writes an empty adapter (verified 2026-11).
@@ -28,7 +43,17 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
         zero["stage3_prefetch_bucket_size"] = "auto"
         zero["stage3_param_persistence_threshold"] = "auto"
         zero["reduce_bucket_size"] = "auto"
-    return {**_ZERO_COMMON, "zero_optimization": zero}
+    config = {**_ZERO_COMMON, "zero_optimization": zero}
+    if autocast:  # the TrainingArguments' bf16 is off then (build_args), so "auto" resolves to off as well
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
+
+
+def autocast_by_deepspeed(args) -> bool:
+    """Whether these TrainingArguments leave bf16 autocast to DeepSpeed (zero_autocast): the Trainer's accelerator
+    then casts nothing, and code that runs the model outside DeepSpeed's forward (eval_during) must cast itself."""
+    ds = getattr(args, "deepspeed", None)
+    return isinstance(ds, dict) and bool(ds.get("torch_autocast", {}).get("enabled"))
 
 
 def fsdp2_fields() -> dict[str, Any]:
@@ -60,15 +85,15 @@ def require_strategy(strategy: str) -> None:
                           "(or use launch.strategy=ddp or fsdp2)")
 
 
-def training_fields(strategy: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """TrainingArguments fields for a strategy (none, ddp, zero2, zero3, fsdp2)."""
+def training_fields(strategy: str, gradient_checkpointing: bool, autocast: bool = False) -> dict[str, Any]:
+    """TrainingArguments fields for a strategy (none, ddp, zero2, zero3, fsdp2); `autocast`: see zero_autocast."""
     require_strategy(strategy)
     if strategy in ("none", "ddp"):
         return {"ddp_find_unused_parameters": False}
     if strategy == "zero2":
-        return {"deepspeed": deepspeed_config(2)}
+        return {"deepspeed": deepspeed_config(2, autocast)}
     if strategy == "zero3":
-        return {"deepspeed": deepspeed_config(3)}
+        return {"deepspeed": deepspeed_config(3, autocast)}
     if strategy == "fsdp2":
         return fsdp2_fields()  # train.gradient_checkpointing stays transformers' own (see fsdp2_fields)
     raise ValueError(strategy)

@@ -124,10 +124,11 @@ def runs(tmp_path_factory):
     workdir = Path(keep) if keep else tmp_path_factory.mktemp("mgpu")
     cache: dict[tuple, Run] = {}
 
-    def get(model: str, method: str, strategy: str) -> Run:
-        key = (model, method, strategy)
+    def get(model: str, method: str, strategy: str, folder: str = "runs", **train) -> Run:
+        """`folder`: another set of runs (train overrides), in a folder of its own: a run is found by its name."""
+        key = (model, method, strategy, folder)
         if key not in cache:
-            run = Run(config(model, method, strategy, workdir / "runs"), workdir)
+            run = Run(config(model, method, strategy, workdir / folder, **train), workdir)
             if run.completed():  # an earlier session's (LEXFINE_MGPU_WORKDIR): its results are read, not retrained
                 run.rc, run.wall_s, run.reused = 0, None, True
             else:
@@ -246,6 +247,32 @@ def test_full_weights_reload_and_match_the_one_gpu_update(runs, strategy):
     assert update > 0, "the 1-GPU full fine-tuning changed no weight"
     assert apart <= 0.05 * update, (f"{strategy}: the saved weights are {apart:.3e} from the 1-GPU run's, whose "
                                     f"update was {update:.3e} (bound 5% of it); saved dtype {saved_dtypes}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bf16_full_fine_tuning_follows_one_gpu_under_every_strategy(runs, strategy):
+    """bf16, as the shipped configs train: under DeepSpeed's bf16 mode (bf16 weights, an fp32 copy in the
+    optimizer) ZeRO-2/3 trained another trajectory at lr 1e-5 (2 H200s, a 0.9B Apertus: loss 8.26 at step 3 against
+    3.42 on 1 GPU, DDP 3.41, FSDP2 3.43). Now ZeRO keeps fp32 weights under autocast too
+    (lexfine.train.strategies.zero_autocast). bf16 rounding differs between layouts (FSDP2 computes its loss from
+    bf16 outputs), so the losses are compared by how far each has come down from step 1: the difference must stay
+    within 10% of the reference's largest descent (the bug: 48% on the GPUs, 43% on a CPU; DDP 0.02%, FSDP2 0.3%)."""
+    needs_model("apertus", strategy)
+    if ON_CPU and strategy == "fsdp2":
+        pytest.skip("FSDP2's loss from bf16 outputs resolves ~0.03 near 10.8, and the tiny CPU model's descent is 0.05")
+    bf16 = dict(folder="runs-bf16", bf16=True, lr=1e-5)
+    ref, two = runs("apertus", "full", "none", **bf16).ok(), runs("apertus", "full", strategy, **bf16)
+    descent = [[x - xs[0] for x in xs] for xs in (ref.losses(), two.losses())] if two.rc == 0 else None
+    worst = max(abs(a - b) for a, b in zip(*descent)) / max(abs(a) for a in descent[0]) if descent else None
+    record("bf16-full", two, max_descent_difference=worst)
+    two.ok()
+    assert ref.manifest()["precision"] == "bf16 autocast"
+    assert two.manifest()["precision"] == ("bf16 autocast (DeepSpeed torch_autocast)" if strategy.startswith("zero")
+                                           else "bf16 autocast")
+    assert len(descent[1]) == len(descent[0]) == STEPS
+    assert max(abs(a) for a in descent[0]) > 0, "the reference's loss did not move"
+    assert worst <= 0.1, (f"{strategy}: the loss descent differs from 1 GPU's by {worst:.1%} of its largest descent "
+                          f"(bound 10%)\n  got {two.losses()}\n  ref {ref.losses()}")
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])

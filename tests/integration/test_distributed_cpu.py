@@ -117,9 +117,10 @@ def test_zero3_trains_the_same_random_model_and_survives_eval_during(tiny_config
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_zero_full_fine_tuning_in_bf16_trains_the_one_process_trajectory(tiny_config, tmp_path, strategy):
-    """DeepSpeed's bf16 mode computes on bf16 weights: at lr 1e-5 most updates stayed below a bf16 step and the loss
-    lagged (step 2: 10.8537 against 10.8465 here; 8.26 against 3.42 at step 3 for a 0.9B model on 2 H200s). Full
-    fine-tuning under ZeRO now keeps fp32 weights under torch.autocast, as one process does, and saves them in fp32."""
+    """Under DeepSpeed's bf16 mode (bf16 weights, an fp32 copy in the optimizer) the loss lagged at lr 1e-5 with the
+    same gradient norms (step 2: 10.8537 against 10.8465 here; 8.26 against 3.42 at step 3 for a 0.9B model on 2
+    H200s). Full fine-tuning under ZeRO now keeps fp32 weights under torch.autocast, as one process does, and saves
+    them in fp32."""
     from safetensors import safe_open
 
     common = dict(method="full", model_args={"arch_overrides": tiny_arch()}, train__bf16=True, train__lr=1e-5,

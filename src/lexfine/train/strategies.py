@@ -23,14 +23,14 @@ _ZERO_COMMON: dict[str, Any] = {
 def zero_autocast(strategy: str, method: str, bf16: bool) -> bool:
     """Full fine-tuning in bf16 under ZeRO-2/3 computes through DeepSpeed's `torch_autocast`, not its `bf16` mode.
 
-    DeepSpeed's bf16 mode casts the model itself to bf16 and keeps the fp32 copy in the optimizer: every forward pass
-    then runs on bf16 weights, norms and embeddings included, and the residual stream is bf16. An update below half
-    a bf16 step of its weight (1e-5 on a norm weight of 1.0, whose step is 0.0078) reaches the fp32 copy but not the
-    computation, so a run trains another trajectory than the same config under DDP or FSDP2, which keep fp32 weights
-    under autocast. Measured (docs/performance.md, "Multi-GPU correctness"): full fine-tuning of a 0.9B Apertus at lr
-    1e-5 on 2 H200s, the loss at step 3 was 8.26 under ZeRO-2 and ZeRO-3 against 3.42 on 1 GPU, DDP and FSDP2.
-    `torch_autocast` keeps the fp32 weights and runs the forward pass under torch.autocast, as the other strategies
-    do. LoRA keeps DeepSpeed's bf16 mode: its frozen base is bf16 anyway (the same measurement: within 4e-4)."""
+    Under its bf16 mode DeepSpeed casts the model to bf16, keeps an fp32 copy in its optimizer and saves bf16 weights.
+    There full fine-tuning trained another trajectory than the same config on one GPU, DDP or FSDP2
+    (docs/performance.md, "Multi-GPU correctness": a 0.9B Apertus at lr 1e-5 on 2 H200s, loss 8.26 at step 3 against
+    3.42; reproduced with 2 CPU processes), with the same gradient norms: the updates barely reached the computation.
+    `torch_autocast` keeps the fp32 weights and runs the forward pass under torch.autocast, as one GPU and DDP do,
+    and ZeRO then gives the one-process losses (tests/integration/test_distributed_cpu.py). LoRA keeps DeepSpeed's
+    bf16 mode: its frozen base is bf16 anyway, and its runs agreed with one GPU's within 4e-4 in the same
+    measurement."""
     return bf16 and method == "full" and strategy in ("zero2", "zero3")
 
 

@@ -10,6 +10,8 @@
 #   c   carry .mgpu/c             join the embedded SmolLM2's GGUF; SmolLM2 1 GPU vs 2 GPUs (+ its adapters), the
 #                                 a/b tests that did not finish (completed runs are reused, not retrained), then
 #                                 benchmarks/multigpu.py in bf16: one row per (method, strategy, GPU count), timings
+#   d   (nothing to carry)        bf16 full fine-tuning under every strategy vs 1 GPU (tests -k bf16), then the
+#                                 benchmark's bf16 full-FT rows
 #
 #   .whl/     ../shared/wheels/py312-x86_64 (trl, datasets, pydantic, deepspeed, ...)
 #   .tok/smollm2/   the embedded SmolLM2's tokenizer (random-weight models use it; stage a has no GGUF yet)
@@ -128,7 +130,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     echo "embedded model ready after $(( $(date +%s) - t_start )) s"
     LEXFINE_TEST_TOKENIZER=$W/tok tests c1 "$(left 270)" "smollm2"
     # whatever a or b did not finish (their completed runs are read again, not retrained), then the bf16 rows
-    LEXFINE_TEST_TOKENIZER=$W/tok tests c2 "$(left 400)" "not smollm2 and not (killed or sigusr1 or slurm)"
+    LEXFINE_TEST_TOKENIZER=$W/tok tests c2 "$(left 400)" "not smollm2 and not (killed or sigusr1 or slurm or bf16)"
     budget=$(( $(left 580) - 40 ))
     if [ "$budget" -gt 60 ]; then
       timeout -k 10 "$(left 580)" python3 benchmarks/multigpu.py --out "$W/bench" --tokenizer "$W/tok" \
@@ -138,8 +140,16 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl
     fi
     pack
     ;;
+  d)
+    # bf16 full fine-tuning under every strategy (the ZeRO torch_autocast fix), then the benchmark's bf16 full rows
+    LEXFINE_TEST_TOKENIZER=$W/tok tests d "$(left 330)" "bf16"
+    timeout -k 10 "$(left 580)" python3 benchmarks/multigpu.py --out "$W/bench-full" --tokenizer "$W/tok" \
+      --methods full --budget "$(( $(left 580) - 30 ))" --timeout 150 --json "$OUT/bench.json" 2>&1 | \
+      tee "$OUT/bench.log" | grep -v "^ROW"
+    pack
+    ;;
   *)
-    echo "unknown stage $stage (prep, a, b or c)" >&2
+    echo "unknown stage $stage (prep, a, b, c or d)" >&2
     exit 2
     ;;
 esac

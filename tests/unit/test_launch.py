@@ -98,7 +98,7 @@ def test_local_launch_refuses_several_nodes_and_unknown_launchers():
 def test_manifest_precision_names_how_the_run_computes():
     from types import SimpleNamespace
 
-    from lexfine.train.sft import precision
+    from lexfine.train.strategies import precision
 
     zero = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
     assert precision(SimpleNamespace(bf16=False, deepspeed=zero)) == "bf16 autocast (DeepSpeed torch_autocast)"

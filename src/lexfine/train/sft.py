@@ -16,6 +16,7 @@ from pathlib import Path
 from lexfine.config import RunConfig
 from lexfine.errors import LexfineError
 from lexfine.rundir import RunDir, git_sha, hardware, now_iso, package_versions, redact
+from lexfine.train.strategies import precision
 
 log = logging.getLogger("lexfine.train")
 
@@ -154,17 +155,6 @@ def build_args(cfg: RunConfig, rd: RunDir):
     if cfg.launch.strategy == "fsdp2" and not cuda and world_size() > 1:
         log.warning("launch.strategy=fsdp2 needs CUDA GPUs: on a CPU accelerate trains these processes with plain DDP")
     return SFTConfig(**_compatible(SFTConfig, fields))
-
-
-def precision(args) -> str:
-    """How this training computes, for the manifest: runs that compute differently are not the same experiment."""
-    from lexfine.train.strategies import autocast_by_deepspeed
-
-    if autocast_by_deepspeed(args):
-        return "bf16 autocast (DeepSpeed torch_autocast)"
-    if args.bf16:
-        return "bf16 (DeepSpeed bf16 mode: bf16 weights)" if args.deepspeed else "bf16 autocast"
-    return "fp32"
 
 
 def lr_scheduler(t) -> str:

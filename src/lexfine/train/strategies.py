@@ -56,6 +56,16 @@ def autocast_by_deepspeed(args) -> bool:
     return isinstance(ds, dict) and bool(ds.get("torch_autocast", {}).get("enabled"))
 
 
+def precision(args) -> str:
+    """How TrainingArguments make a run compute, for its manifest: runs that compute differently are not the same
+    experiment."""
+    if autocast_by_deepspeed(args):
+        return "bf16 autocast (DeepSpeed torch_autocast)"
+    if args.bf16:
+        return "bf16 (DeepSpeed bf16 mode: bf16 weights)" if args.deepspeed else "bf16 autocast"
+    return "fp32"
+
+
 def fsdp2_fields() -> dict[str, Any]:
     """FSDP2 (one shard per decoder layer, full state dict on save). Activation checkpointing is transformers' own
     (train.gradient_checkpointing, inside each layer's call), never FSDP's `activation_checkpointing`: that one wraps
